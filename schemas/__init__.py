@@ -1,0 +1,46 @@
+"""Event and model-package contracts. Import event models from here."""
+
+from schemas.events import (
+    UNCERTAIN,
+    AspectSentiment,
+    DeadLetter,
+    DeadLetterError,
+    DeadLetterSource,
+    DriftAlert,
+    DriftWindow,
+    ErrorCode,
+    Feedback,
+    Label,
+    LabeledEvent,
+    ModelRef,
+    ModelUpdate,
+    RetrainRequest,
+    SentimentRequest,
+    SourceRef,
+    WindowStats,
+)
+from schemas.manifest import ConfidenceReference, DataFingerprint, MetricRecord, ModelManifest
+
+__all__ = [
+    "UNCERTAIN",
+    "AspectSentiment",
+    "ConfidenceReference",
+    "DataFingerprint",
+    "DeadLetter",
+    "DeadLetterError",
+    "DeadLetterSource",
+    "DriftAlert",
+    "DriftWindow",
+    "ErrorCode",
+    "Feedback",
+    "Label",
+    "LabeledEvent",
+    "MetricRecord",
+    "ModelManifest",
+    "ModelRef",
+    "ModelUpdate",
+    "RetrainRequest",
+    "SentimentRequest",
+    "SourceRef",
+    "WindowStats",
+]

@@ -1,0 +1,232 @@
+"""Every event on every topic, as pydantic v2 models. The only place an event's shape is defined.
+
+Topic → model:
+  sentiment.requests       SentimentRequest   (input, produced by product teams)
+  sentiment.labeled        LabeledEvent       (every labelled event, UNCERTAIN included)
+  sentiment.uncertain      LabeledEvent       (UNCERTAIN only: a human-review queue)
+  sentiment.dlq            DeadLetter
+  sentiment.stats          WindowStats
+  sentiment.drift-alerts   DriftAlert
+  sentiment.feedback       Feedback
+  sentiment.retrain-requests RetrainRequest
+  sentiment.model-updates  ModelUpdate
+
+Output models carry a ``schema`` field ("<topic>/v<N>") so a consumer can route by version. The Python
+attribute is ``schema_`` because ``schema`` shadows a BaseModel attribute; JSON always says ``schema``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Label = Literal["POSITIVE", "NEGATIVE", "NEUTRAL", "UNCERTAIN"]
+UNCERTAIN: Label = "UNCERTAIN"
+
+ErrorCode = Literal[
+    "invalid_json",
+    "schema_violation",
+    "empty_text",
+    "text_too_long",
+    "invalid_encoding",
+    "message_too_large",
+    "tombstone",
+    "inference_error",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Event(BaseModel):
+    """Base of every output event: JSON by alias, unknown fields rejected so typos surface in tests."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", serialize_by_alias=True)
+
+    def to_json_bytes(self) -> bytes:
+        return self.model_dump_json(by_alias=True, exclude_none=False).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- input
+
+
+class SentimentRequest(BaseModel):
+    """One text to label. Unknown fields are ignored so producers can add their own without breaking us;
+    anything they need back belongs in ``metadata``, which is passed through untouched."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+    id: str | None = Field(default=None, max_length=256, description="Defaults to topic:partition:offset.")
+    text: str = Field(description="The text to label. Must be a non-empty string.")
+    aspects: list[str] | None = Field(default=None, description="Aspect terms or category names to classify.")
+    lang: str | None = Field(default=None, max_length=16)
+    source: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, Any] | None = None
+    ts: datetime | None = None
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text_must_be_string(cls, value: Any) -> Any:
+        # pydantic would coerce nothing here anyway, but an explicit check gives a clearer message.
+        if not isinstance(value, str):
+            raise ValueError(f"text must be a string, got {type(value).__name__}")
+        return value
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_from_number(cls, value: Any) -> Any:
+        # Numeric ids are common in producers' data; keep them rather than dead-letter the record.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+class ModelRef(BaseModel):
+    """Which model package produced an event."""
+
+    name: str
+    version: str
+    sha256: str = Field(description="sha256 of the package's model.onnx")
+    quantization: str = "int8"
+
+
+class SourceRef(BaseModel):
+    topic: str
+    partition: int
+    offset: int
+
+
+class AspectSentiment(BaseModel):
+    """Sentiment towards one aspect of a text."""
+
+    aspect: str = Field(description="The category name, or the term itself for open aspect terms.")
+    term: str | None = Field(default=None, description="The words in the text the aspect was found by.")
+    span: tuple[int, int] | None = Field(
+        default=None, description="[start, end) character offsets of term in the original text (code points)."
+    )
+    origin: Literal["request", "category", "tagger"] = "request"
+    label: Label
+    predicted_label: Label
+    confidence: float
+    probabilities: dict[str, float]
+    threshold: float
+    negated: bool = False
+
+
+class LabeledEvent(_Event):
+    schema_: Literal["sentiment.labeled/v1"] = Field(default="sentiment.labeled/v1", alias="schema")
+    id: str
+    label: Label = Field(description="predicted_label, or UNCERTAIN when confidence < threshold.")
+    predicted_label: Label = Field(description="The model's argmax, kept even when label is UNCERTAIN.")
+    confidence: float = Field(description="Calibrated probability of predicted_label.")
+    probabilities: dict[str, float]
+    threshold: float
+    aspects: list[AspectSentiment] = Field(default_factory=list)
+    truncated: bool = False
+    text: str | None = Field(default=None, description="Echoed only when SENTIMENT_ECHO_TEXT is on.")
+    lang: str | None = None
+    model: ModelRef
+    source: SourceRef
+    received_at: datetime
+    labeled_at: datetime
+    latency_ms: float
+    metadata: dict[str, Any] | None = None
+
+
+class DeadLetterError(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class DeadLetterSource(BaseModel):
+    topic: str
+    partition: int
+    offset: int
+    key: str | None = None
+
+
+class DeadLetter(_Event):
+    schema_: Literal["sentiment.dlq/v1"] = Field(default="sentiment.dlq/v1", alias="schema")
+    id: str | None = Field(default=None, description="The request id when it could be read, else None.")
+    error: DeadLetterError
+    source: DeadLetterSource
+    raw: str | None = Field(default=None, description="The first bytes of the value (see raw_encoding).")
+    raw_encoding: Literal["utf-8", "base64"] = "utf-8"
+    raw_truncated: bool = False
+    failed_at: datetime = Field(default_factory=utcnow)
+
+
+# ------------------------------------------------------------------------------------------ monitoring
+
+
+class WindowStats(_Event):
+    """A worker's view of one window of labelled events: what the drift monitor aggregates."""
+
+    schema_: Literal["sentiment.stats/v1"] = Field(default="sentiment.stats/v1", alias="schema")
+    worker_id: str
+    model: ModelRef
+    window_start: datetime
+    window_end: datetime
+    n: int
+    bin_edges: list[float] = Field(description="Edges of the confidence histogram, shared by all labels.")
+    confidence_hist: dict[str, list[int]] = Field(description="Per predicted label: counts per bin.")
+    label_counts: dict[str, int] = Field(description="Counts by predicted label (argmax).")
+    uncertain_count: int
+    sum_confidence: float = Field(description="Sum of calibrated max-probabilities: the CBPE numerator.")
+    text_length_quantiles: dict[str, float] = Field(description="p10/p50/p90 of text length in characters.")
+
+
+class DriftWindow(BaseModel):
+    start: datetime
+    end: datetime
+    n: int
+
+
+class DriftAlert(_Event):
+    schema_: Literal["sentiment.drift-alerts/v1"] = Field(default="sentiment.drift-alerts/v1", alias="schema")
+    alert_id: str
+    metric: Literal["psi_confidence", "label_mix_js", "uncertain_rate", "estimated_accuracy"]
+    value: float
+    threshold: float
+    severity: Literal["info", "warning", "critical"]
+    window: DriftWindow
+    model: ModelRef
+    detected_at: datetime = Field(default_factory=utcnow)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Feedback(_Event):
+    schema_: Literal["sentiment.feedback/v1"] = Field(default="sentiment.feedback/v1", alias="schema")
+    id: str
+    text: str = Field(min_length=1)
+    label: Literal["POSITIVE", "NEGATIVE", "NEUTRAL"]
+    source: str = "human"
+    ts: datetime = Field(default_factory=utcnow)
+
+
+class RetrainRequest(_Event):
+    schema_: Literal["sentiment.retrain-requests/v1"] = Field(
+        default="sentiment.retrain-requests/v1", alias="schema"
+    )
+    request_id: str
+    model_name: str
+    reason: str
+    alert_id: str | None = None
+    requested_by: str = "drift-monitor"
+    requested_at: datetime = Field(default_factory=utcnow)
+
+
+class ModelUpdate(_Event):
+    schema_: Literal["sentiment.model-updates/v1"] = Field(default="sentiment.model-updates/v1", alias="schema")
+    model: ModelRef
+    path: str = Field(description="Package directory the workers load (shared filesystem or volume).")
+    previous_version: str | None = None
+    request_id: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    promoted_at: datetime = Field(default_factory=utcnow)

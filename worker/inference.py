@@ -1,0 +1,161 @@
+"""The model runtime: tokenizer + INT8 ONNX session + calibrated softmax. No torch here.
+
+Contract:
+  * ``Classifier.load(dir)`` verifies the package's hashes before it builds a session (PackageError).
+  * ``Classifier.predict(texts)`` returns calibrated probabilities, one row per text, in input order.
+    Texts are sorted by token length and cut into sub-batches, so a batch pays for the padding of its
+    own length bucket only (padding waste costs as much as quantization saves on this CPU).
+  * ``decide`` turns one probability row into (label, predicted_label, confidence): below the
+    threshold the label is UNCERTAIN, and predicted_label keeps the argmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Encoding, Tokenizer
+
+from schemas import UNCERTAIN, ModelManifest, ModelRef
+from worker.package import resolve_package_dir, verify_package
+
+# Sub-batch token budget: rows × padded length. Keeps one session call's activations small and its
+# latency predictable; 32 × 128 was the knee of the throughput curve on the 2-core machines.
+DEFAULT_TOKEN_BUDGET = 4096
+
+
+@dataclass(frozen=True)
+class Predictions:
+    probabilities: np.ndarray  # (n, num_labels), calibrated, rows sum to 1
+    truncated: np.ndarray  # (n,) bool: the text was longer than max_length tokens
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    scaled = logits.astype(np.float64) / temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    exp = np.exp(scaled)
+    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def decide(probabilities: np.ndarray, labels: Sequence[str], threshold: float) -> tuple[str, str, float]:
+    """(label, predicted_label, confidence) for one row of calibrated probabilities."""
+    best = int(np.argmax(probabilities))
+    confidence = float(probabilities[best])
+    predicted = labels[best]
+    return (predicted if confidence >= threshold else UNCERTAIN), predicted, confidence
+
+
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+class Classifier:
+    """A loaded, verified model package ready to score texts (or text pairs)."""
+
+    def __init__(self, package_dir: Path, manifest: ModelManifest, intra_op_threads: int = 1,
+                 token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
+        self.package_dir = package_dir
+        self.manifest = manifest
+        self.labels: list[str] = list(manifest.labels)
+        self.token_budget = token_budget
+        self.tokenizer = Tokenizer.from_file(str(package_dir / "tokenizer.json"))
+        # The worker pads per sub-batch itself; truncation is ours too, so we can flag it.
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.session = ort.InferenceSession(
+            str(package_dir / "model.onnx"), sess_options=session_options(intra_op_threads),
+            providers=["CPUExecutionProvider"],
+        )
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.ref = ModelRef(
+            name=manifest.name, version=manifest.version, sha256=manifest.files["model.onnx"],
+            quantization=manifest.quantization,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, intra_op_threads: int = 1, token_budget: int = DEFAULT_TOKEN_BUDGET) -> Classifier:
+        package_dir = resolve_package_dir(path)
+        manifest = verify_package(package_dir)
+        return cls(package_dir, manifest, intra_op_threads=intra_op_threads, token_budget=token_budget)
+
+    @property
+    def max_length(self) -> int:
+        return self.manifest.max_length
+
+    def predict(self, texts: Sequence[str]) -> Predictions:
+        return self._predict(self.tokenizer.encode_batch(list(texts)))
+
+    def predict_pairs(self, texts: Sequence[str], second: Sequence[str]) -> Predictions:
+        """Sentence-pair scoring (ABSA: text, aspect); truncation cuts the first sequence only."""
+        return self._predict(self.tokenizer.encode_batch(list(zip(texts, second, strict=True))), pairs=True)
+
+    def logits_for(self, encodings: list[Encoding], pairs: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits and truncation flags for encodings, in input order."""
+        n = len(encodings)
+        logits = np.zeros((n, len(self.labels)), dtype=np.float32)
+        truncated = np.zeros(n, dtype=bool)
+        if n == 0:
+            return logits, truncated
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=n)
+        order = np.argsort(lengths, kind="stable")
+        start = 0
+        while start < n:
+            # Grow the sub-batch while rows × (longest row) stays inside the token budget.
+            end = start + 1
+            while end < n:
+                padded = min(int(lengths[order[end]]), self.max_length)
+                if (end - start + 1) * padded > self.token_budget:
+                    break
+                end += 1
+            rows = order[start:end]
+            feed, cut = self._feed([encodings[i] for i in rows], pairs)
+            logits[rows] = self.session.run([self.manifest.onnx_output], feed)[0]
+            truncated[rows] = cut
+            start = end
+        return logits, truncated
+
+    def _predict(self, encodings: list[Encoding], pairs: bool = False) -> Predictions:
+        logits, truncated = self.logits_for(encodings, pairs)
+        return Predictions(softmax(logits, self.manifest.temperature), truncated)
+
+    def _feed(self, encodings: list[Encoding], pairs: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        limit = self.max_length
+        width = min(max(len(e.ids) for e in encodings), limit)
+        input_ids = np.zeros((len(encodings), width), dtype=np.int64)
+        type_ids = np.zeros_like(input_ids)
+        mask = np.zeros_like(input_ids)
+        cut = np.zeros(len(encodings), dtype=bool)
+        for row, enc in enumerate(encodings):
+            ids, types = enc.ids, enc.type_ids
+            if len(ids) > limit:
+                cut[row] = True
+                ids, types = _truncate(ids, types, limit, pairs)
+            input_ids[row, : len(ids)] = ids
+            type_ids[row, : len(types)] = types
+            mask[row, : len(ids)] = 1
+        feed = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": type_ids}
+        return {k: v for k, v in feed.items() if k in self.input_names}, cut
+
+
+def _truncate(ids: list[int], types: list[int], limit: int, pairs: bool) -> tuple[list[int], list[int]]:
+    """Cuts an encoding to ``limit`` tokens, keeping [SEP] tokens and, for pairs, the whole second part.
+
+    BERT encodings are ``[CLS] a… [SEP]`` or ``[CLS] a… [SEP] b… [SEP]``; dropping the tail naively would
+    lose the final [SEP] (and for ABSA the aspect), which the model never saw in training.
+    """
+    if not pairs:
+        return ids[: limit - 1] + ids[-1:], types[: limit - 1] + types[-1:]
+    second_start = types.index(1) if 1 in types else len(ids)
+    second_ids, second_types = ids[second_start:], types[second_start:]
+    keep_first = max(limit - len(second_ids) - 1, 1)
+    first_ids = ids[:keep_first] + [ids[second_start - 1]]
+    first_types = types[:keep_first] + [0]
+    return (first_ids + second_ids)[:limit], (first_types + second_types)[:limit]
