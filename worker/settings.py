@@ -1,0 +1,120 @@
+"""Configuration: one pydantic-settings class per process, all read from ``SENTIMENT_*`` variables.
+
+``KafkaSettings`` holds what every process needs to reach the broker (including TLS/SASL); each
+process's class extends it. ``sentiment config`` prints the effective values with secrets masked.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "sentiment-en"
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class KafkaSettings(BaseSettings):
+    """Broker address and security, shared by every process."""
+
+    model_config = SettingsConfigDict(env_prefix="SENTIMENT_", env_file=None, extra="ignore")
+
+    kafka_bootstrap: str = Field(default="127.0.0.1:9092", description="Comma-separated host:port list.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the broker's certificate.")
+    kafka_ssl_check_hostname: bool = True
+    kafka_client_id: str = "sentiment"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if "SSL" not in self.kafka_security_protocol:
+            return None
+        context = ssl.create_default_context(cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None)
+        context.check_hostname = self.kafka_ssl_check_hostname
+        return context
+
+    def aiokafka_kwargs(self) -> dict[str, Any]:
+        """Connection arguments for any aiokafka client (producer, consumer, admin)."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap,
+            "security_protocol": self.kafka_security_protocol,
+            "client_id": self.kafka_client_id,
+        }
+        if context := self.ssl_context():
+            kwargs["ssl_context"] = context
+        if self.kafka_sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism
+            kwargs["sasl_plain_username"] = self.kafka_sasl_username
+            kwargs["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            )
+        return kwargs
+
+
+class TopicSettings(KafkaSettings):
+    """Topic names, shared by the worker, the CLIs and the monitor so they can never disagree."""
+
+    input_topics: CommaList = Field(default_factory=lambda: ["sentiment.requests"])
+    labeled_topic: str = "sentiment.labeled"
+    uncertain_topic: str = "sentiment.uncertain"
+    dlq_topic: str = "sentiment.dlq"
+    stats_topic: str = "sentiment.stats"
+    drift_alerts_topic: str = "sentiment.drift-alerts"
+    feedback_topic: str = "sentiment.feedback"
+    retrain_requests_topic: str = "sentiment.retrain-requests"
+    model_updates_topic: str = "sentiment.model-updates"
+
+    _split_input_topics = field_validator("input_topics", mode="before")(_split_commas)
+
+
+class WorkerSettings(TopicSettings):
+    """The stream worker (``sentiment worker``)."""
+
+    app_id: str = Field(default="sentiment-worker", description="Consumer group id.")
+    model_dir: Path = DEFAULT_MODEL_DIR
+    absa_model_dir: Path | None = None
+    threshold: float | None = Field(default=None, ge=0, le=1, description="Overrides the manifest's threshold.")
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    batch_max_wait_ms: int = Field(default=50, ge=0, le=60_000)
+    max_text_chars: int = Field(default=100_000, ge=1)
+    max_message_bytes: int = Field(default=1_000_000, ge=1, description="Values larger than this are dead-lettered.")
+    dlq_raw_bytes: int = Field(default=4096, ge=0, description="How much of a bad value the dead letter keeps.")
+    echo_text: bool = False
+    intra_op_threads: int = Field(default=1, ge=1)
+    partitions: int = Field(default=3, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    metrics_port: int = Field(default=9108, ge=0, le=65535, description="0 disables the Prometheus endpoint.")
+    stats_window_count: int = Field(default=500, ge=1)
+    stats_window_seconds: float = Field(default=60.0, gt=0)
+    worker_id: str | None = None
+    inference_retries: int = Field(default=1, ge=0, le=5)
+    session_timeout_s: float = Field(default=10.0, gt=0)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    max_poll_interval_s: float = Field(default=300.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+SECRET_FIELDS = frozenset({"kafka_sasl_password"})
+
+
+def masked(settings: BaseSettings) -> dict[str, Any]:
+    """The effective settings as JSON-able values, with every secret replaced by '**********'."""
+    data = settings.model_dump(mode="json")
+    for name, value in data.items():
+        if value is not None and (name in SECRET_FIELDS or isinstance(getattr(settings, name), SecretStr)):
+            data[name] = "**********"
+    return data
