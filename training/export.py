@@ -1,0 +1,223 @@
+"""Export a trained ``SentimentModel`` to ONNX, quantize it to INT8 and gate it on fp32 parity.
+
+Contract:
+  * ``export_onnx`` writes an fp32 graph with inputs ``input_ids``, ``attention_mask``, ``token_type_ids``
+    (int64, dynamic batch and sequence axes) and output ``logits`` (float, [batch, num_labels]). The
+    encoder is re-instantiated with eager attention first, because only eager attention fuses in ORT.
+  * ``quantize_variants`` builds several dynamic INT8 variants of that graph.
+  * ``export_int8`` scores every variant on the selection (dev) split through the worker runtime
+    (``worker.inference.Classifier``, the exact code that serves it), keeps the most accurate among the
+    fast ones, and raises ``ParityError`` unless the kept one agrees with fp32 on ≥ 99.5% of labels and
+    loses ≤ 0.3 accuracy points (thresholds are arguments).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from schemas import ModelManifest
+from training.model import SentimentModel, model_from_config
+from worker.inference import Classifier
+
+log = logging.getLogger(__name__)
+
+ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+ONNX_OUTPUT = "logits"
+OPSET = 17
+# A variant may be this much slower than the fastest one and still be chosen for accuracy.
+SPEED_TOLERANCE = 1.15
+
+
+class ParityError(RuntimeError):
+    """The INT8 model disagrees with fp32 more than the gate allows; nothing is shipped."""
+
+
+@dataclass(frozen=True)
+class ParityGate:
+    min_agreement: float = 0.995
+    max_accuracy_drop: float = 0.003  # fraction, i.e. 0.3 points
+
+
+@dataclass
+class VariantResult:
+    name: str
+    path: str
+    size_bytes: int
+    agreement: float
+    accuracy: float
+    accuracy_drop: float
+    max_abs_prob_diff: float
+    seconds: float
+    passed: bool
+
+
+@dataclass
+class ExportResult:
+    """What ``export_int8`` chose and why; ``logits_*`` are raw dev logits in input order."""
+
+    int8_path: Path
+    fp32_path: Path
+    chosen: str
+    fp32_accuracy: float
+    variants: list[VariantResult]
+    logits_fp32: np.ndarray = field(repr=False)
+    logits_int8: np.ndarray = field(repr=False)
+
+    def summary(self) -> dict:
+        """JSON-able summary for the manifest (``manifest.export``)."""
+        return {
+            "chosen": self.chosen,
+            "fp32_accuracy": self.fp32_accuracy,
+            "gate": asdict(ParityGate()),
+            "variants": [{k: v for k, v in asdict(r).items() if k != "path"} for r in self.variants],
+        }
+
+
+def eager_copy(model: SentimentModel) -> SentimentModel:
+    """A CPU fp32 copy of ``model`` whose encoder uses eager attention (fuses in ORT), in eval mode."""
+    config = copy.deepcopy(model.encoder.config)
+    clone = model_from_config(config, model.num_labels, model.pooling, attn_implementation="eager")
+    clone.load_state_dict({k: v.detach().cpu().float() for k, v in model.state_dict().items()})
+    return clone.eval()
+
+
+def export_onnx(model: SentimentModel, path: Path, opset: int = OPSET) -> Path:
+    """Writes the fp32 ONNX graph (TorchScript exporter; dynamic batch and sequence axes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    eager = eager_copy(model)
+    ids = torch.tensor([[101, 2204, 3185, 102], [101, 2919, 102, 0]], dtype=torch.long)
+    mask = (ids != 0).long()
+    types = torch.zeros_like(ids)
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in ONNX_INPUTS}
+    dynamic[ONNX_OUTPUT] = {0: "batch"}
+    with torch.no_grad():
+        torch.onnx.export(
+            eager, (ids, mask, types), str(path), input_names=list(ONNX_INPUTS), output_names=[ONNX_OUTPUT],
+            dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def quantize_variants(fp32_path: Path, out_dir: Path, num_heads: int, hidden_size: int) -> dict[str, Path]:
+    """Dynamic INT8 variants of ``fp32_path``. A variant that fails to build is logged and skipped.
+
+    * ``qint8-per-channel``: s8 weights, one scale per output channel (smallest error in scouting).
+    * ``qint8-per-tensor``: s8 weights, one scale per tensor.
+    * ``fused-qint8-per-channel``: ORT transformer fusions (attention, LayerNorm, GELU) first, then
+      per-channel; ``DefaultTensorType`` works around the shape-inference failure on fused graphs.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    variants: dict[str, Path] = {}
+    plans: list[tuple[str, Path, dict]] = [
+        ("qint8-per-channel", fp32_path, {"per_channel": True}),
+        ("qint8-per-tensor", fp32_path, {"per_channel": False}),
+    ]
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        fused_path = out_dir / "fused-fp32.onnx"
+        optimized = optimize_model(str(fp32_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                                   opt_level=1, use_gpu=False)
+        optimized.save_model_to_file(str(fused_path))
+        plans.append(("fused-qint8-per-channel", fused_path,
+                      {"per_channel": True, "extra_options": {"DefaultTensorType": onnx.TensorProto.FLOAT}}))
+    except Exception as exc:  # fusion is an optimisation, never a reason to fail the export
+        log.warning("ORT transformer fusion failed, skipping fused variant: %s", exc)
+    for name, source, options in plans:
+        target = out_dir / name / "model.onnx"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, **options)
+            variants[name] = target
+        except Exception as exc:
+            log.warning("quantization variant %s failed: %s", name, exc)
+    return variants
+
+
+def candidate_classifier(model_path: Path, tokenizer_json: Path, labels: Sequence[str], max_length: int,
+                         threads: int = 2) -> Classifier:
+    """A worker ``Classifier`` around a bare ONNX file (no manifest on disk, temperature 1)."""
+    package = model_path.parent
+    if not (package / "tokenizer.json").exists():
+        shutil.copyfile(tokenizer_json, package / "tokenizer.json")
+    manifest = ModelManifest(name="candidate", version="0", labels=list(labels), max_length=max_length,
+                             files={"model.onnx": "-", "tokenizer.json": "-"})
+    return Classifier(package, manifest, intra_op_threads=threads)
+
+
+def onnx_logits(model_path: Path, tokenizer_json: Path, texts: Sequence[str], labels: Sequence[str],
+                max_length: int) -> tuple[np.ndarray, float]:
+    """Raw logits for ``texts`` through the worker runtime, and the seconds it took."""
+    classifier = candidate_classifier(model_path, tokenizer_json, labels, max_length)
+    encodings = classifier.tokenizer.encode_batch(list(texts))
+    start = time.perf_counter()
+    logits, _ = classifier.logits_for(encodings)
+    return logits, time.perf_counter() - start
+
+
+def _probs(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def export_int8(model: SentimentModel, tokenizer_json: Path, dev_texts: Sequence[str], dev_labels: Sequence[int],
+                labels: Sequence[str], max_length: int, work_dir: Path, gate: ParityGate | None = ParityGate(),
+                ) -> ExportResult:
+    """Exports, quantizes, scores every variant on dev, picks one and applies the parity gate.
+
+    Choice rule: among variants that pass the gate and are at most ``SPEED_TOLERANCE`` × slower than the
+    fastest passing one, take the highest dev accuracy, then the highest fp32 agreement.
+    ``gate=None`` records the numbers without enforcing them (only for the random-init tiny package).
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fp32_path = export_onnx(model, work_dir / "fp32" / "model.onnx")
+    cfg = model.encoder.config
+    variants = quantize_variants(fp32_path, work_dir / "int8", cfg.num_attention_heads, cfg.hidden_size)
+    if not variants:
+        raise ParityError("no INT8 variant could be built")
+    gold = np.asarray(dev_labels)
+    fp32_logits, _ = onnx_logits(fp32_path, tokenizer_json, dev_texts, labels, max_length)
+    fp32_pred = fp32_logits.argmax(axis=1)
+    fp32_acc = float((fp32_pred == gold).mean())
+    fp32_prob = _probs(fp32_logits)
+    results: list[VariantResult] = []
+    all_logits: dict[str, np.ndarray] = {}
+    effective = gate or ParityGate()
+    for name, path in variants.items():
+        logits, seconds = onnx_logits(path, tokenizer_json, dev_texts, labels, max_length)
+        pred = logits.argmax(axis=1)
+        acc = float((pred == gold).mean())
+        agreement = float((pred == fp32_pred).mean())
+        drop = fp32_acc - acc
+        passed = agreement >= effective.min_agreement and drop <= effective.max_accuracy_drop + 1e-12
+        results.append(VariantResult(
+            name=name, path=str(path), size_bytes=path.stat().st_size, agreement=agreement, accuracy=acc,
+            accuracy_drop=drop, max_abs_prob_diff=float(np.abs(_probs(logits) - fp32_prob).max()),
+            seconds=seconds, passed=passed,
+        ))
+        all_logits[name] = logits
+        log.info("variant %s: agreement %.4f acc %.4f (fp32 %.4f) %.2fs %s", name, agreement, acc, fp32_acc,
+                 seconds, "PASS" if passed else "FAIL")
+    pool = [r for r in results if r.passed] if gate is not None else results
+    if not pool:
+        detail = "; ".join(f"{r.name}: agreement {r.agreement:.4f}, drop {r.accuracy_drop * 100:.2f} pt"
+                           for r in results)
+        raise ParityError(f"no INT8 variant passes the parity gate ({effective}): {detail}")
+    fastest = min(r.seconds for r in pool)
+    fast = [r for r in pool if r.seconds <= SPEED_TOLERANCE * fastest]
+    best = max(fast, key=lambda r: (r.accuracy, r.agreement, -r.seconds))
+    return ExportResult(int8_path=Path(best.path), fp32_path=fp32_path, chosen=best.name, fp32_accuracy=fp32_acc,
+                        variants=results, logits_fp32=fp32_logits, logits_int8=all_logits[best.name])
