@@ -156,6 +156,6 @@ def _truncate(ids: list[int], types: list[int], limit: int, pairs: bool) -> tupl
     second_start = types.index(1) if 1 in types else len(ids)
     second_ids, second_types = ids[second_start:], types[second_start:]
     keep_first = max(limit - len(second_ids) - 1, 1)
-    first_ids = ids[:keep_first] + [ids[second_start - 1]]
-    first_types = types[:keep_first] + [0]
+    first_ids = [*ids[:keep_first], ids[second_start - 1]]
+    first_types = [*types[:keep_first], 0]
     return (first_ids + second_ids)[:limit], (first_types + second_types)[:limit]

@@ -67,7 +67,9 @@ def verify_package(package_dir: str | Path) -> ModelManifest:
             raise PackageError(f"{package_dir}: missing file {relative}")
         actual = sha256_file(target)
         if actual != expected:
-            raise PackageError(f"{package_dir}: sha256 mismatch for {relative} (manifest {expected[:12]}…, file {actual[:12]}…)")
+            raise PackageError(
+                f"{package_dir}: sha256 mismatch for {relative} (manifest {expected[:12]}…, file {actual[:12]}…)"
+            )
     return manifest
 
 

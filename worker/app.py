@@ -1,0 +1,228 @@
+"""The stream worker: a faust-streaming app whose one agent labels micro-batches.
+
+Per batch, in this order (the delivery rule; see also ``process_batch``):
+
+  1. take up to ``batch_size`` events, or whatever arrived within ``batch_max_wait_ms``;
+  2. decode and validate each record (bad ones become dead letters);
+  3. label the valid ones in a worker thread (the event loop keeps heart-beating meanwhile);
+  4. send every output (labelled, uncertain, dead letter) and wait until the broker acknowledges all;
+  5. only then ack the batch's events and commit their offsets.
+
+A failure in step 4 is retried by re-sending; the batch is never acknowledged before its outputs are.
+Exceptions must not escape the agent body: faust's take_events() acks the buffered events in a
+``finally`` block, so an escaping exception would commit offsets of records that produced nothing.
+On SIGTERM the in-flight batch is finished (steps 3–5) before the agent is allowed to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import numpy as np
+import structlog
+from aiokafka.errors import KafkaError
+
+from schemas import DeadLetter, LabeledEvent
+from worker import metrics
+from worker.decode import Decoded, DecodeLimits, RecordMeta, decode_key, decode_record
+from worker.inference import Classifier
+from worker.pipeline import BatchResult, Labeler
+from worker.settings import WorkerSettings
+from worker.topics import ensure_topics
+
+log = structlog.get_logger(__name__)
+
+SEND_ATTEMPTS = 5
+
+
+class DeliveryError(Exception):
+    """Outputs of a batch could not be acknowledged by the broker after every retry."""
+
+
+def broker_url(bootstrap: str) -> str:
+    return ";".join(f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip())
+
+
+def faust_credentials(settings: WorkerSettings) -> Any:
+    if settings.kafka_sasl_mechanism:
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
+            ssl_context=settings.ssl_context(),
+            mechanism=settings.kafka_sasl_mechanism,
+        )
+    if context := settings.ssl_context():
+        return faust.SSLCredentials(context)
+    return None
+
+
+class StreamWorker:
+    """Owns the faust app, the model, and the per-batch delivery rule."""
+
+    def __init__(self, settings: WorkerSettings, classifier: Classifier | None = None) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.limits = DecodeLimits(settings.max_text_chars, settings.max_message_bytes, settings.dlq_raw_bytes)
+        classifier = classifier or Classifier.load(settings.model_dir, intra_op_threads=settings.intra_op_threads)
+        self.labeler = Labeler(classifier, self.limits, threshold=settings.threshold, echo_text=settings.echo_text,
+                               retries=settings.inference_retries)
+        # One inference thread: ORT and tokenizers release the GIL, so the loop stays responsive.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.batches_done = 0
+        self.app = self._build_app()
+
+    def _build_app(self) -> faust.App:
+        s = self.settings
+        app = faust.App(
+            s.app_id,
+            broker=broker_url(s.kafka_bootstrap),
+            broker_credentials=faust_credentials(s),
+            broker_client_id=f"{s.kafka_client_id}-{self.worker_id}",
+            web_enabled=False,
+            store="memory://",
+            topic_partitions=s.partitions,
+            topic_replication_factor=s.replication_factor,
+            topic_allow_declare=False,  # ensure_topics() creates everything explicitly before start
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=s.session_timeout_s,
+            broker_heartbeat_interval=s.heartbeat_interval_s,
+            broker_rebalance_timeout=s.session_timeout_s,
+            broker_max_poll_interval=s.max_poll_interval_s,
+            broker_commit_interval=1.0,
+            producer_acks=-1,
+            producer_max_request_size=2_000_000,
+            stream_wait_empty=True,
+        )
+        source = app.topic(*s.input_topics, key_serializer="raw", value_serializer="raw")
+
+        async def label_stream(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(s.batch_size, within=s.batch_max_wait_ms / 1000):
+                # Shield: a cancel (SIGTERM) must not interrupt a batch between "sent" and "acked".
+                task = asyncio.ensure_future(self.process_batch(stream, events))
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    await task
+                    raise
+
+        app.agent(source, name="label")(label_stream)
+        return app
+
+    async def start_checks(self) -> None:
+        """Creates topics and publishes the model gauge; run before the faust worker starts consuming."""
+        await ensure_topics(self.settings)
+        metrics.set_model(self.labeler.classifier.ref)
+
+    async def process_batch(self, stream: faust.StreamT, events: Sequence[faust.EventT]) -> None:
+        """Label one micro-batch, deliver its outputs, then ack and commit. Never raises except on cancel."""
+        try:
+            decoded, outcomes = self._decode(events)
+            loop = asyncio.get_running_loop()
+            result: BatchResult = await loop.run_in_executor(self.executor, self.labeler.label, decoded)
+            outputs = self._merge(events, decoded, outcomes, result)
+            await self._deliver(outputs)
+            for event in events:
+                await stream.ack(event)
+            await self.app.consumer.commit()
+            self._observe(outputs, result)
+            self.batches_done += 1
+        except DeliveryError as exc:
+            # Outputs may be partly written; the events stay unacked so the batch is redone after the
+            # restart (at-least-once). Crash loudly rather than commit past them.
+            log.critical("batch_delivery_failed", error=str(exc), size=len(events))
+            os._exit(70)
+        except Exception as exc:
+            # A bug outside the model (the model's own failures are handled in Labeler). Same rule:
+            # never ack what was not delivered.
+            log.critical("batch_failed", error=repr(exc), size=len(events))
+            os._exit(70)
+
+    def _decode(self, events: Sequence[faust.EventT]) -> tuple[list[Decoded], dict[int, DeadLetter]]:
+        now = datetime.now(UTC)
+        decoded: list[Decoded] = []
+        dead: dict[int, DeadLetter] = {}
+        for index, event in enumerate(events):
+            message = event.message
+            meta = RecordMeta(topic=message.topic, partition=message.partition, offset=message.offset,
+                              key=decode_key(message.key), timestamp_ms=int(message.timestamp * 1000))
+            outcome = decode_record(message.value, meta, self.limits, now)
+            if isinstance(outcome, DeadLetter):
+                dead[index] = outcome
+            else:
+                decoded.append(outcome)
+        return decoded, dead
+
+    @staticmethod
+    def _merge(events: Sequence[faust.EventT], decoded: list[Decoded], dead: dict[int, DeadLetter],
+               result: BatchResult) -> list[tuple[str | None, LabeledEvent | DeadLetter]]:
+        """(key, output) pairs in input order, so per-key order on the output topics matches the input."""
+        labeled = iter(zip(decoded, result.outputs, strict=True))
+        merged: list[tuple[str | None, LabeledEvent | DeadLetter]] = []
+        for index, event in enumerate(events):
+            if index in dead:
+                letter = dead[index]
+                key = letter.source.key if letter.source.key is not None else (letter.id or
+                      f"{event.message.topic}:{event.message.partition}:{event.message.offset}")
+                merged.append((key, letter))
+            else:
+                item, output = next(labeled)
+                merged.append((item.output_key, output))
+        return merged
+
+    async def _deliver(self, outputs: list[tuple[str | None, LabeledEvent | DeadLetter]]) -> None:
+        """Sends every output and waits for all acknowledgements; re-sends the failed ones."""
+        s = self.settings
+        records: list[tuple[str, bytes, bytes]] = []
+        for key, output in outputs:
+            payload = output.to_json_bytes()
+            key_bytes = (key or "").encode("utf-8")
+            if isinstance(output, DeadLetter):
+                records.append((s.dlq_topic, key_bytes, payload))
+                continue
+            records.append((s.labeled_topic, key_bytes, payload))
+            if output.label == "UNCERTAIN":
+                records.append((s.uncertain_topic, key_bytes, payload))
+        pending = records
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            futures = [await self.app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
+                       for topic, key, value in pending]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            failed = [record for record, res in zip(pending, results, strict=True) if isinstance(res, BaseException)]
+            if not failed:
+                return
+            errors = {repr(res) for res in results if isinstance(res, BaseException)}
+            log.warning("delivery_retry", attempt=attempt, failed=len(failed), errors=sorted(errors)[:3])
+            pending = failed
+            await asyncio.sleep(min(0.5 * attempt, 2.0))
+        raise DeliveryError(f"{len(pending)} outputs not acknowledged after {SEND_ATTEMPTS} attempts")
+
+    def _observe(self, outputs: list[tuple[str | None, LabeledEvent | DeadLetter]], result: BatchResult) -> None:
+        labeled = [o for _, o in outputs if isinstance(o, LabeledEvent)]
+        end_to_end = np.array([o.latency_ms / 1000 for o in labeled], dtype=np.float64)
+        metrics.observe_batch([o for _, o in outputs], result.confidences,
+                              [o.predicted_label for o in labeled], result.inference_seconds, end_to_end)
+
+
+def run(settings: WorkerSettings) -> int:
+    """Starts the worker in the foreground until SIGTERM/SIGINT. Returns the process exit code."""
+    worker = StreamWorker(settings)
+    asyncio.run(worker.start_checks())
+    metrics.serve(settings.metrics_port)
+    log.info("worker_starting", worker_id=worker.worker_id, model=worker.labeler.classifier.ref.model_dump(),
+             input_topics=settings.input_topics, batch_size=settings.batch_size)
+    faust_worker = faust.Worker(worker.app, loglevel=settings.log_level.lower(), quiet=True, override_logging=False)
+    try:
+        faust_worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except KafkaError as exc:
+        log.critical("kafka_error", error=repr(exc))
+        return 75
+    return 0

@@ -1,0 +1,148 @@
+"""Labelling a micro-batch: decoded requests in, one LabeledEvent or DeadLetter per request out.
+
+This is the one inference code path: the stream worker and ``sentiment predict`` both call
+``Labeler.label``. It owns the failure rule for a batch:
+
+  1. run the whole batch (retry it ``retries`` times on an exception);
+  2. if it still fails, run each record alone (isolate the poison record);
+  3. a record that fails alone becomes a DeadLetter with code ``inference_error``.
+
+So an exception never loses records and never crashes the worker; it costs at most one batch re-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import structlog
+
+from schemas import DeadLetter, LabeledEvent
+from worker.decode import Decoded, DecodeLimits, dead_letter
+from worker.inference import Classifier, Predictions
+
+log = structlog.get_logger(__name__)
+
+Outcome = LabeledEvent | DeadLetter
+
+
+@dataclass
+class BatchResult:
+    """Outputs in input order, plus what the metrics and window stats need, computed once per batch."""
+
+    outputs: list[Outcome]
+    confidences: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    predicted_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    uncertain: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    text_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    inference_seconds: float = 0.0
+    retried: bool = False
+    isolated: bool = False
+
+
+class Labeler:
+    """Turns decoded requests into labelled events with the current model.
+
+    ``classifier`` may be swapped between batches (hot reload): ``label`` reads it once per batch, so a
+    batch is labelled entirely by one model version.
+    """
+
+    def __init__(self, classifier: Classifier, limits: DecodeLimits, threshold: float | None = None,
+                 echo_text: bool = False, retries: int = 1,
+                 aspect_stage: Callable[[Sequence[Decoded]], list[list]] | None = None) -> None:
+        self.classifier = classifier
+        self.limits = limits
+        self.threshold_override = threshold
+        self.echo_text = echo_text
+        self.retries = retries
+        self.aspect_stage = aspect_stage
+
+    @property
+    def threshold(self) -> float:
+        return self.threshold_override if self.threshold_override is not None else self.classifier.manifest.threshold
+
+    def label(self, batch: Sequence[Decoded]) -> BatchResult:
+        classifier = self.classifier  # one model per batch, even if a reload lands meanwhile
+        if not batch:
+            return BatchResult(outputs=[])
+        started = datetime.now(UTC)
+        for attempt in range(self.retries + 1):
+            try:
+                predictions, aspects = self._infer(classifier, batch)
+                result = self._build(classifier, batch, predictions, aspects, started)
+                result.retried = attempt > 0
+                return result
+            except Exception as exc:
+                log.warning("batch_inference_failed", attempt=attempt + 1, size=len(batch), error=repr(exc))
+        return self._isolate(classifier, batch, started)
+
+    def _infer(self, classifier: Classifier, batch: Sequence[Decoded]) -> tuple[Predictions, list[list]]:
+        predictions = classifier.predict([item.request.text for item in batch])
+        aspects = self.aspect_stage(batch) if self.aspect_stage else [[] for _ in batch]
+        return predictions, aspects
+
+    def _isolate(self, classifier: Classifier, batch: Sequence[Decoded], started: datetime) -> BatchResult:
+        outputs: list[Outcome] = []
+        parts: list[BatchResult] = []
+        for item in batch:
+            try:
+                predictions, aspects = self._infer(classifier, [item])
+                part = self._build(classifier, [item], predictions, aspects, started)
+                parts.append(part)
+                outputs.extend(part.outputs)
+            except Exception as exc:
+                log.error("record_inference_failed", id=item.id, error=repr(exc))
+                outputs.append(dead_letter(item.meta, "inference_error", f"model failed on this record: {exc!r}"[:500],
+                                           None, self.limits, item.id))
+        result = BatchResult(outputs=outputs, retried=True, isolated=True)
+        if parts:
+            result.confidences = np.concatenate([p.confidences for p in parts])
+            result.predicted_indices = np.concatenate([p.predicted_indices for p in parts])
+            result.uncertain = np.concatenate([p.uncertain for p in parts])
+            result.text_lengths = np.concatenate([p.text_lengths for p in parts])
+        return result
+
+    def _build(self, classifier: Classifier, batch: Sequence[Decoded], predictions: Predictions,
+               aspects: list[list], started: datetime) -> BatchResult:
+        probs = predictions.probabilities
+        labels = classifier.labels
+        threshold = self.threshold
+        predicted = probs.argmax(axis=1)
+        confidence = probs[np.arange(len(batch)), predicted]
+        uncertain = confidence < threshold
+        labeled_at = datetime.now(UTC)
+        outputs: list[Outcome] = []
+        for row, item in enumerate(batch):
+            predicted_label = labels[predicted[row]]
+            outputs.append(LabeledEvent(
+                id=item.id,
+                label="UNCERTAIN" if uncertain[row] else predicted_label,
+                predicted_label=predicted_label,
+                confidence=round(float(confidence[row]), 6),
+                probabilities={label: round(float(p), 6) for label, p in zip(labels, probs[row], strict=True)},
+                threshold=threshold,
+                aspects=aspects[row],
+                truncated=bool(predictions.truncated[row]),
+                text=item.request.text if self.echo_text else None,
+                lang=item.request.lang,
+                model=classifier.ref,
+                source=item.meta.source,
+                received_at=item.received_at,
+                labeled_at=labeled_at,
+                latency_ms=round(_latency_ms(item, labeled_at), 3),
+                metadata=item.request.metadata,
+            ))
+        return BatchResult(
+            outputs=outputs, confidences=confidence, predicted_indices=predicted, uncertain=uncertain,
+            text_lengths=np.fromiter((len(item.request.text) for item in batch), dtype=np.int64, count=len(batch)),
+            inference_seconds=(labeled_at - started).total_seconds(),
+        )
+
+
+def _latency_ms(item: Decoded, labeled_at: datetime) -> float:
+    """Produce→label latency when the record has a broker timestamp, else receive→label."""
+    if item.meta.timestamp_ms:
+        return max(labeled_at.timestamp() * 1000 - item.meta.timestamp_ms, 0.0)
+    return (labeled_at - item.received_at).total_seconds() * 1000

@@ -1,0 +1,55 @@
+"""Offline batch scoring (``sentiment predict``) through the stream worker's own code path.
+
+Each input line is decoded by ``decode_record`` and labelled by ``Labeler.label`` exactly as a Kafka
+record would be, so a text gets the same label offline and in the stream. The record source is
+``file:<name>`` with partition 0 and the line number as offset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+from schemas import DeadLetter
+from worker.decode import Decoded, DecodeLimits, RecordMeta, decode_record
+from worker.inference import Classifier
+from worker.pipeline import Labeler
+from worker.settings import WorkerSettings
+
+
+def _chunks(source: TextIO, name: str, limits: DecodeLimits, size: int) -> Iterator[list[Decoded | DeadLetter]]:
+    chunk: list[Decoded | DeadLetter] = []
+    for number, line in enumerate(source):
+        if not line.strip():
+            continue
+        meta = RecordMeta(topic=f"file:{name}", partition=0, offset=number, key=None)
+        chunk.append(decode_record(line.rstrip("\n").encode("utf-8"), meta, limits, datetime.now(UTC)))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def build_labeler(model_dir: Path, settings: WorkerSettings, threads: int) -> Labeler:
+    classifier = Classifier.load(model_dir, intra_op_threads=threads)
+    limits = DecodeLimits(settings.max_text_chars, settings.max_message_bytes, settings.dlq_raw_bytes)
+    return Labeler(classifier, limits, threshold=settings.threshold, echo_text=settings.echo_text,
+                   retries=settings.inference_retries)
+
+
+def predict_file(model_dir: Path, source: TextIO, sink: TextIO, settings: WorkerSettings, batch_size: int,
+                 threads: int) -> dict[str, int]:
+    labeler = build_labeler(model_dir, settings, threads)
+    counts = {"labeled": 0, "dead_letter": 0}
+    name = getattr(source, "name", "stdin")
+    for chunk in _chunks(source, Path(str(name)).name, labeler.limits, batch_size):
+        decoded = [item for item in chunk if isinstance(item, Decoded)]
+        labelled = iter(labeler.label(decoded).outputs)
+        for item in chunk:
+            output = next(labelled) if isinstance(item, Decoded) else item
+            counts["dead_letter" if isinstance(output, DeadLetter) else "labeled"] += 1
+            sink.write(output.model_dump_json(by_alias=True) + "\n")
+    return counts
