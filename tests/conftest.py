@@ -21,7 +21,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def kafka() -> str:
     port = os.environ.get("KAFKA_PORT", "9092")
-    subprocess.run([str(REPO / "deploy" / "kafka" / "kafka.sh"), "up"], check=True, env={**os.environ, "KAFKA_PORT": port})
+    launcher = REPO / "deploy" / "kafka" / "kafka.sh"
+    subprocess.run([str(launcher), "up"], check=True, env={**os.environ, "KAFKA_PORT": port})
     return f"127.0.0.1:{port}"
 
 
