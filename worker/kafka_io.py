@@ -59,13 +59,16 @@ async def tail(settings: KafkaSettings, topic: str, from_beginning: bool, group:
         group_id=None if from_beginning else group,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        metadata_max_age_ms=5000,
     )
     await consumer.start()
     count = 0
     deadline = time.monotonic() + timeout if timeout else None
     try:
+        # A topic that does not exist yet (the worker creates it at start) would otherwise be noticed
+        # only at the next metadata refresh.
+        partitions = await _wait_for_partitions(consumer, topic, deadline)
         if from_beginning:
-            partitions = await _wait_for_partitions(consumer, topic, deadline)
             consumer.assign(partitions)
             await consumer.seek_to_beginning(*partitions)
         else:

