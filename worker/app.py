@@ -29,13 +29,14 @@ import numpy as np
 import structlog
 from aiokafka.errors import KafkaError
 
-from schemas import DeadLetter, LabeledEvent
+from schemas import DeadLetter, LabeledEvent, ModelUpdate, WindowStats
 from worker import metrics
 from worker.decode import Decoded, DecodeLimits, RecordMeta, decode_key, decode_record
 from worker.inference import Classifier
 from worker.pipeline import BatchResult, Labeler
 from worker.settings import WorkerSettings
 from worker.topics import ensure_topics
+from worker.window_stats import WindowAccumulator
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +76,13 @@ class StreamWorker:
                                retries=settings.inference_retries)
         # One inference thread: ORT and tokenizers release the GIL, so the loop stays responsive.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # Model loads (hot reload) get their own thread so they never queue behind inference.
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self.pending_classifier: Classifier | None = None
+        self.window = WindowAccumulator.for_manifest(
+            classifier.manifest, classifier.ref, worker_id=self.worker_id,
+            window_count=settings.stats_window_count, window_seconds=settings.stats_window_seconds,
+        )
         self.batches_done = 0
         self.app = self._build_app()
 
@@ -113,6 +121,17 @@ class StreamWorker:
                     raise
 
         app.agent(source, name="label")(label_stream)
+
+        @app.timer(interval=max(1.0, min(s.stats_window_seconds / 4, 15.0)))
+        async def close_idle_window() -> None:
+            # Windows also close by time, so a quiet stream still reports to the drift monitor.
+            if stats := self.window.maybe_flush():
+                await self._publish_stats([stats])
+
+        @app.task
+        async def watch_model_updates() -> None:
+            await self._watch_model_updates()
+
         return app
 
     async def start_checks(self) -> None:
@@ -123,6 +142,7 @@ class StreamWorker:
     async def process_batch(self, stream: faust.StreamT, events: Sequence[faust.EventT]) -> None:
         """Label one micro-batch, deliver its outputs, then ack and commit. Never raises except on cancel."""
         try:
+            await self._swap_model_if_pending()
             decoded, outcomes = self._decode(events)
             loop = asyncio.get_running_loop()
             result: BatchResult = await loop.run_in_executor(self.executor, self.labeler.label, decoded)
@@ -133,6 +153,8 @@ class StreamWorker:
             await self.app.consumer.commit()
             self._observe(outputs, result)
             self.batches_done += 1
+            await self._publish_stats(self.window.add_batch(
+                result.predicted_indices, result.confidences, result.uncertain, result.text_lengths))
         except DeliveryError as exc:
             # Outputs may be partly written; the events stay unacked so the batch is redone after the
             # restart (at-least-once). Crash loudly rather than commit past them.
@@ -202,6 +224,73 @@ class StreamWorker:
             pending = failed
             await asyncio.sleep(min(0.5 * attempt, 2.0))
         raise DeliveryError(f"{len(pending)} outputs not acknowledged after {SEND_ATTEMPTS} attempts")
+
+    async def _publish_stats(self, windows: list[WindowStats]) -> None:
+        """Window stats are telemetry, not input records: a failed send is logged, never fatal."""
+        for stats in windows:
+            try:
+                await self.app.producer.send_and_wait(self.settings.stats_topic, self.worker_id.encode(),
+                                                      stats.to_json_bytes(), partition=None, timestamp=None,
+                                                      headers=None)
+            except KafkaError as exc:
+                log.warning("stats_publish_failed", error=repr(exc), n=stats.n)
+
+    # ------------------------------------------------------------------------------------ hot reload
+
+    async def _swap_model_if_pending(self) -> None:
+        """Called at the start of a batch, so a batch is labelled by exactly one model version."""
+        new = self.pending_classifier
+        if new is None:
+            return
+        self.pending_classifier = None
+        old = self.labeler.classifier
+        self.labeler.classifier = new
+        closed = self.window.set_model(new.ref, new.labels)
+        if closed:
+            await self._publish_stats([closed])
+        metrics.set_model(new.ref)
+        metrics.MODEL_RELOADS.labels(result="swapped").inc()
+        log.info("model_swapped", old_version=old.ref.version, new_version=new.ref.version)
+
+    async def _watch_model_updates(self) -> None:
+        """Follows the model-updates topic from its end (no group: every worker sees every update)."""
+        from aiokafka import AIOKafkaConsumer
+
+        s = self.settings
+        consumer = AIOKafkaConsumer(s.model_updates_topic, **s.aiokafka_kwargs(), group_id=None,
+                                    auto_offset_reset="latest", metadata_max_age_ms=5000)
+        await consumer.start()
+        try:
+            async for message in consumer:
+                await self._on_model_update(message.value)
+        finally:
+            await consumer.stop()
+
+    async def _on_model_update(self, value: bytes | None) -> None:
+        try:
+            update = ModelUpdate.model_validate_json(value or b"")
+        except ValueError as exc:
+            log.warning("model_update_invalid", error=str(exc)[:300])
+            return
+        current = self.labeler.classifier.ref
+        if update.model.name != current.name or update.model.sha256 == current.sha256:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            # Load and verify (hashes, session build) off the event loop and off the inference thread.
+            classifier = await loop.run_in_executor(
+                self.loader, lambda: Classifier.load(update.path, intra_op_threads=self.settings.intra_op_threads))
+        except Exception as exc:  # a bad package must never stop the worker
+            metrics.MODEL_RELOADS.labels(result="refused").inc()
+            log.error("model_update_refused", path=update.path, version=update.model.version, error=repr(exc)[:300])
+            return
+        if classifier.ref.sha256 != update.model.sha256:
+            metrics.MODEL_RELOADS.labels(result="refused").inc()
+            log.error("model_update_hash_mismatch", path=update.path, announced=update.model.sha256[:12],
+                      loaded=classifier.ref.sha256[:12])
+            return
+        self.pending_classifier = classifier
+        log.info("model_update_loaded", version=update.model.version, path=update.path)
 
     def _observe(self, outputs: list[tuple[str | None, LabeledEvent | DeadLetter]], result: BatchResult) -> None:
         labeled = [o for _, o in outputs if isinstance(o, LabeledEvent)]
