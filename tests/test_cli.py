@@ -79,3 +79,11 @@ def test_produce_300_lines_then_tail_shows_300_events(topics: Topics, tiny_model
         assert all(e["schema"] == "sentiment.labeled/v1" for e in events)
     finally:
         assert worker.terminate() == 0
+
+
+def test_readme_documents_every_worker_setting():
+    from worker.settings import WorkerSettings
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in WorkerSettings.model_fields if f"`SENTIMENT_{name.upper()}`" not in readme]
+    assert not missing, f"README configuration table lacks {missing}"
