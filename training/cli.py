@@ -34,7 +34,7 @@ examples:
   # 3-class tweets, class-weighted, selected on macro recall
   sentiment train --labels NEGATIVE,NEUTRAL,POSITIVE \\
       --train ../shared/data/semeval2017_task4a/train_pool_minus_tweeteval_val.tsv \\
-      --dev ../shared/data/tweeteval/sentiment/val_text.txt --class-weights sqrt \\
+      --dev ../shared/data/tweeteval/sentiment/val_text.txt --normalize tweets --class-weights balanced \\
       --selection-metric macro_recall --max-length 96 --name sentiment-en-3class --out models/sentiment-en-3class
 
   # smoke test: 20 steps on 500 rows
@@ -73,6 +73,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels", type=_labels, default=_labels(DEFAULT_LABELS),
                    help=f"comma-separated upper-case labels, in logit order (default {DEFAULT_LABELS})")
     g.add_argument("--dev-fraction", type=float, default=0.1, help="dev share when --dev is absent (default 0.1)")
+    g.add_argument("--normalize", default="none", choices=sorted(data_mod.NORMALIZERS),
+                   help="text normalization for train and dev; 'tweets': @mentions -> @user, URLs removed "
+                        "(TweetEval's preprocessing)")
     g.add_argument("--limit", type=int, help="use at most N training rows (seeded random subset)")
     g.add_argument("--dev-limit", type=int, help="use at most N dev rows")
     o = p.add_argument_group("output")
@@ -127,8 +130,8 @@ def load_sets(args: argparse.Namespace) -> tuple[data_mod.LabeledTexts, data_mod
         dev = data_mod.load(args.dev, args.labels, args.dev_format)
     else:
         train, dev = data_mod.stratified_split(train, args.dev_fraction, args.seed)
-    train = data_mod.limit(train, args.limit, args.seed)
-    dev = data_mod.limit(dev, args.dev_limit, args.seed)
+    train = data_mod.normalize(data_mod.limit(train, args.limit, args.seed), args.normalize)
+    dev = data_mod.normalize(data_mod.limit(dev, args.dev_limit, args.seed), args.normalize)
     for part in (train, dev):
         if len(part) == 0:
             raise SystemExit(f"{part.name}: no rows with labels in {args.labels}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -232,6 +233,30 @@ def load(path: str | Path, labels: Sequence[str], fmt: str = "auto") -> LabeledT
         ids.append(index[name])
     display = "mr_rt_polarity" if fmt == "mr" else short_name(path)
     return LabeledTexts(texts, ids, list(labels), display, [fingerprint(files, len(rows), display)], dropped)
+
+
+_HANDLE = re.compile(r"@\w+")
+_URL = re.compile(r"https?://\S+|www\.\S+")
+
+
+def normalize_tweet(text: str) -> str:
+    """TweetEval's preprocessing: user mentions become ``@user``, URLs are removed, whitespace collapsed."""
+    return " ".join(_URL.sub("", _HANDLE.sub("@user", text)).split())
+
+
+NORMALIZERS = {"none": None, "tweets": normalize_tweet}
+
+
+def normalize(data: LabeledTexts, how: str) -> LabeledTexts:
+    """Applies a named text normalizer (``none`` | ``tweets``) to every text; drops rows that become empty."""
+    fn = NORMALIZERS[how]
+    if fn is None:
+        return data
+    texts = [fn(t) for t in data.texts]
+    keep = [i for i, t in enumerate(texts) if t]
+    out = LabeledTexts([texts[i] for i in keep], [data.labels[i] for i in keep], data.label_names, data.name,
+                       data.fingerprints, data.dropped + len(texts) - len(keep))
+    return out
 
 
 def concat(parts: Sequence[LabeledTexts]) -> LabeledTexts:

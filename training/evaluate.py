@@ -108,16 +108,18 @@ def choose_threshold(probs: np.ndarray, gold: Sequence[int], error_cut: float = 
     accuracy = float(correct.mean())
     target = accuracy + error_cut * (1.0 - accuracy)
     chosen = None
-    for t in THRESHOLD_GRID:
+    floor = np.ceil(100 / probs.shape[1]) / 100  # below 1/k a threshold never abstains
+    grid = THRESHOLD_GRID[floor <= THRESHOLD_GRID]
+    for t in grid:
         kept = conf >= t
         if kept.sum() >= max(20, 0.05 * len(y)) and correct[kept].mean() >= target:
             chosen = float(t)
             break
     if chosen is None:  # unreachable target: take the most selective grid point that keeps ≥ 5%
-        candidates = [float(t) for t in THRESHOLD_GRID if (conf >= t).mean() >= 0.05]
-        chosen = max(candidates, key=lambda t: correct[conf >= t].mean()) if candidates else 0.5
+        candidates = [float(t) for t in grid if (conf >= t).mean() >= 0.05]
+        chosen = max(candidates, key=lambda t: correct[conf >= t].mean()) if candidates else float(floor)
     kept = conf >= chosen
-    rule = (f"lowest t on a 0.01 grid where dev accuracy of predictions with calibrated confidence >= t reaches "
+    rule = (f"lowest t >= 1/k on a 0.01 grid where dev accuracy of predictions with calibrated confidence >= t reaches "
             f"accuracy + {error_cut:g}*(1 - accuracy) = {target:.4f} (removes {error_cut:.0%} of errors while "
             f"abstaining as little as possible); below t the label is UNCERTAIN")
     return ThresholdChoice(threshold=chosen, rule=rule, coverage=float(kept.mean()),
@@ -369,13 +371,13 @@ def render_markdown(ev: Evaluation, plots: Sequence[str], preamble: str = "") ->
         lines += [f"| {k} | {v['accuracy']:.4f} | {v['macro_recall']:.4f} | {v['macro_f1']:.4f} | {v['note']} |"
                   for k, v in ev.baselines.items()]
     if ev.slices:
-        names = list(ev.baselines)
+        names = list(ev.baselines)  # baseline accuracy per slice
         lines += ["", "## Slices (accuracy %)", "",
-                  "| slice | n | model | model macro-recall | UNCERTAIN % | " + " | ".join(names) + " |",
+                  "| slice | n | model | model macro-recall | UNCERTAIN % |" + "".join(f" {b} |" for b in names),
                   "|---" * (5 + len(names)) + "|"]
         for k, v in ev.slices.items():
             lines.append(f"| {k} | {v['n']} | {_pct(v['model'])} | {_pct(v['model_macro_recall'])} | "
-                         f"{_pct(v['uncertain_rate'])} | " + " | ".join(_pct(v.get(b)) for b in names) + " |")
+                         f"{_pct(v['uncertain_rate'])} |" + "".join(f" {_pct(v.get(b))} |" for b in names))
     if "export" in ev.extra:
         lines += ["", "## INT8 export and parity gate (dev)", "",
                   "| variant | size MB | agreement with fp32 % | accuracy % | drop pt | max prob diff | s | gate |",

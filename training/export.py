@@ -218,6 +218,6 @@ def export_int8(model: SentimentModel, tokenizer_json: Path, dev_texts: Sequence
         raise ParityError(f"no INT8 variant passes the parity gate ({effective}): {detail}")
     fastest = min(r.seconds for r in pool)
     fast = [r for r in pool if r.seconds <= SPEED_TOLERANCE * fastest]
-    best = max(fast, key=lambda r: (r.accuracy, r.agreement, -r.seconds))
+    best = max(fast, key=lambda r: (r.accuracy, r.agreement, -r.max_abs_prob_diff, -r.seconds))
     return ExportResult(int8_path=Path(best.path), fp32_path=fp32_path, chosen=best.name, fp32_accuracy=fp32_acc,
                         variants=results, logits_fp32=fp32_logits, logits_int8=all_logits[best.name])

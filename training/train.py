@@ -256,6 +256,7 @@ def train(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts)
     weights = class_weight_vector(train_data.labels, num_labels, config.class_weights)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
 
+    evaluated_at = -1
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": -1.0, "best_step": 0, "bad_evals": 0,
              "history": [], "seconds": 0.0}
     last_dir, best_dir = out / "last", out / "best"
@@ -265,6 +266,7 @@ def train(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
+        evaluated_at = state["step"]  # checkpoints are written right after an evaluation
         log.info("resumed from step %d (epoch %d, batch %d)", state["step"], state["epoch"], state["batch_in_epoch"])
 
     def evaluate_and_checkpoint() -> bool:
@@ -294,7 +296,6 @@ def train(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts)
                desc="train", dynamic_ncols=False, ncols=100)
     model.train()
     stop = state["step"] >= total
-    evaluated_at = -1
     running = 0.0
     while not stop:
         batches = length_grouped_batches(lengths, config.batch_size,

@@ -1,0 +1,246 @@
+"""Training module: loaders, a tiny end-to-end train → export → gate → report → serve run, and the tiny package.
+
+Everything here uses randomly initialised 2-layer BERTs built from a config and generated sentences:
+no download, no data set, well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from training import data as data_mod  # noqa: E402
+from training.calibrate import confidence_reference, ece, fit_temperature, softmax  # noqa: E402
+from training.evaluate import choose_threshold  # noqa: E402
+from training.tiny import base_tokenizer_json, build_tiny_package, tiny_config  # noqa: E402
+from worker.inference import Classifier  # noqa: E402
+from worker.package import verify_package  # noqa: E402
+
+POS = ("great", "wonderful", "loved", "excellent", "fantastic", "superb")
+NEG = ("awful", "terrible", "hated", "boring", "horrible", "dreadful")
+THINGS = ("movie", "phone", "hotel", "meal", "album", "service", "book")
+
+
+def generated(n: int, seed: int = 0, three: bool = False) -> list[tuple[str, str]]:
+    """Separable template sentences: the sentiment word decides the label."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        kind = i % (3 if three else 2)
+        thing = rng.choice(THINGS)
+        if kind == 0:
+            rows.append((f"the {thing} was {rng.choice(NEG)}", "NEGATIVE"))
+        elif (kind == 1 and not three) or kind == 2:
+            rows.append((f"the {thing} was {rng.choice(POS)}", "POSITIVE"))
+        else:
+            rows.append((f"the {thing} arrived on tuesday", "NEUTRAL"))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init 2-layer BERT saved like a HF model directory, with the MiniLM tokenizer."""
+    from transformers import BertModel
+
+    out = tmp_path_factory.mktemp("tiny-encoder")
+    torch.manual_seed(0)
+    BertModel(tiny_config(), add_pooling_layer=False).save_pretrained(out)
+    shutil.copyfile(base_tokenizer_json(), out / "tokenizer.json")
+    return out
+
+
+# --- loaders ------------------------------------------------------------------------------------------------
+
+
+def test_loaders_read_every_format(tmp_path: Path) -> None:
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.tsv").write_text('sentence\tlabel\na "quoted" good film \t1\nbad film \t0\n')
+    blitzer = tmp_path / "blitzer.tsv"
+    with blitzer.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["sentence", "label"])
+        w.writerow(["Great book.\nReally great.", "1"])
+        w.writerow(["Awful\tbook.", "0"])
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    (mr / "rt-polarity.pos").write_bytes("caf\xe9 charm\nfine\x85 work\n".encode("latin-1"))
+    (mr / "rt-polarity.neg").write_bytes(b"dull\n")
+    pool = tmp_path / "pool.tsv"
+    pool.write_text("id\tlabel\tlabel_id\tsource_file\ttext\n1\tneutral\t1\tx\tok then\n2\tnegative\t0\tx\t\"ugh\n")
+    (tmp_path / "val_text.txt").write_text("meh \nyay \n")
+    (tmp_path / "val_labels.txt").write_text("1\n2\n")
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "nice", "label": "positive"}\n{"text": "bad", "label": 0}\n')
+    gen_csv = tmp_path / "d.csv"
+    gen_csv.write_text("text,label\nnice,POSITIVE\n\"bad, really\",negative\nweird,MIXED\n")
+
+    b = data_mod.BINARY
+    sst = data_mod.load(tmp_path / "sst2" / "train.tsv", b)
+    assert data_mod.detect_format(tmp_path / "sst2" / "train.tsv") == "sst2"
+    assert sst.texts == ['a "quoted" good film', "bad film"] and sst.labels == [1, 0]
+    assert sst.fingerprints[0].name == "sst2/train.tsv" and sst.fingerprints[0].rows == 2
+    bl = data_mod.load(blitzer, b)
+    assert data_mod.detect_format(blitzer) == "blitzer"
+    assert bl.texts == ["Great book. Really great.", "Awful book."] and bl.labels == [1, 0]
+    m = data_mod.load(mr, b)
+    assert len(m) == 3 and m.counts() == {"NEGATIVE": 1, "POSITIVE": 2}
+    three = data_mod.THREE
+    assert data_mod.load(pool, three).labels == [1, 0]
+    assert data_mod.load(tmp_path / "val_text.txt", three).labels == [1, 2]
+    assert data_mod.load(jsonl, b).labels == [1, 0]
+    c = data_mod.load(gen_csv, b)
+    assert c.texts == ["nice", "bad, really"] and c.dropped == 1
+    # binary data into a 3-class label list keeps names, not indices
+    assert data_mod.load(tmp_path / "sst2" / "train.tsv", three).labels == [2, 0]
+
+
+def test_stratified_split_keeps_label_mix() -> None:
+    rows = generated(200)
+    data = data_mod.LabeledTexts([t for t, _ in rows], [int(y == "POSITIVE") for _, y in rows], list(data_mod.BINARY),
+                                 "gen")
+    train, dev = data_mod.stratified_split(data, 0.1, seed=1)
+    assert len(train) + len(dev) == 200 and dev.counts() == {"NEGATIVE": 10, "POSITIVE": 10}
+    assert set(train.texts) | set(dev.texts) == set(data.texts)
+    again = data_mod.stratified_split(data, 0.1, seed=1)[1]
+    assert again.texts == dev.texts
+
+
+# --- calibration and threshold ------------------------------------------------------------------------------
+
+
+def test_temperature_scaling_reduces_ece_and_keeps_argmax() -> None:
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 2000)
+    margin = rng.normal(1.2, 1.0, 2000)  # ~88% right; confident ones more often
+    logits = np.stack([-margin, margin], axis=1) * 4.0  # overconfident
+    logits[gold == 0] *= -1
+    t = fit_temperature(logits, gold)
+    assert t > 1.5
+    assert ece(softmax(logits, t), gold) < ece(softmax(logits), gold)
+    assert (softmax(logits, t).argmax(1) == logits.argmax(1)).all()
+    choice = choose_threshold(softmax(logits, t), gold, error_cut=0.5)
+    assert 0.5 < choice.threshold < 1 and choice.selective_accuracy >= choice.target_accuracy
+    ref = confidence_reference(softmax(logits, t), gold, ["NEGATIVE", "POSITIVE"], choice.threshold, ["x"] * 2000)
+    assert ref.n == 2000 and len(ref.samples) == 2000 and len(ref.bin_edges) == 41
+    assert sum(sum(v) for v in ref.confidence_hist.values()) == 2000
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+
+def test_train_export_gate_report_serve(tmp_path: Path, tiny_encoder: Path) -> None:
+    """`sentiment train` on a generated JSONL: a few steps, INT8 export, parity gate, report, worker load."""
+    from training.cli import evaluate_main, train_main
+
+    rows = generated(400, seed=1)
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    out = tmp_path / "pkg"
+    code = train_main([
+        "--train", str(train_file), "--base-encoder", str(tiny_encoder), "--name", "e2e", "--out", str(out),
+        "--work-dir", str(tmp_path / "work"), "--max-steps", "40", "--batch-size", "16", "--lr", "3e-3",
+        "--eval-every", "20", "--max-length", "32", "--no-baselines", "--version", "0.0.1",
+    ])
+    assert code == 0
+    manifest = verify_package(out)
+    assert manifest.labels == ["NEGATIVE", "POSITIVE"] and manifest.version == "0.0.1"
+    assert 0 < manifest.threshold < 1 and manifest.threshold_rule
+    assert {"model.onnx", "tokenizer.json", "report.md", "metrics.json", "confusion.png"} <= set(manifest.files)
+    names = {(m.name, m.runtime) for m in manifest.metrics}
+    assert {("accuracy", "onnx-int8"), ("accuracy", "onnx-fp32"), ("int8_fp32_label_agreement", "onnx-int8")} <= names
+    assert all(m.data for m in manifest.metrics)
+    agreement = next(m.value for m in manifest.metrics if m.name == "int8_fp32_label_agreement")
+    assert agreement >= 0.995  # the gate let it through
+    assert manifest.reference is not None and manifest.reference.n == len(manifest.reference.samples) == 40
+    assert manifest.data and manifest.data[0].rows == 400
+    extra = manifest.model_dump()
+    assert extra["export"]["chosen"] and extra["training"]["steps"] == 40
+    # the served model learned the separable task
+    classifier = Classifier.load(out)
+    probs = classifier.predict(["the movie was wonderful", "the hotel was dreadful"]).probabilities
+    assert probs[0, 1] > 0.5 > probs[1, 1]
+    # `sentiment predict` (worker CLI) serves the new package
+    from worker.cli import main as sentiment
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "a", "text": "the album was superb"}\n{"id": "b", "text": "the meal was awful"}\n')
+    assert sentiment(["predict", "--model", str(out), "--input", str(requests), "--output", str(tmp_path / "o.jsonl")]) == 0
+    events = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [e["predicted_label"] for e in events] == ["POSITIVE", "NEGATIVE"]
+    # resume: the finished run is picked up, not retrained
+    out2 = tmp_path / "pkg2"
+    assert sentiment([
+        "train", "--train", str(train_file), "--base-encoder", str(tiny_encoder), "--name", "e2e", "--out", str(out2),
+        "--work-dir", str(tmp_path / "work"), "--max-steps", "40", "--batch-size", "16", "--lr", "3e-3",
+        "--eval-every", "20", "--max-length", "32", "--no-baselines", "--version", "0.0.2",
+    ]) == 0
+    assert verify_package(out2).model_dump()["training"]["steps"] == 40
+    # evaluate on a fresh generated file, with baselines
+    test_file = tmp_path / "test.tsv"
+    test_file.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in generated(60, seed=7)))
+    report_dir = tmp_path / "report"
+    assert evaluate_main(["--model", str(out), "--data", str(test_file), "--out", str(report_dir)]) == 0
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert metrics["n"] == 60 and "VADER" in metrics["baselines"] and "TF-IDF + LogReg" in metrics["baselines"]
+    assert metrics["metrics"]["accuracy"] > 0.8 and "auc_roc" in metrics["metrics"]
+    assert (report_dir / "report.md").read_text().count("![") >= 3
+
+
+def test_parity_gate_refuses_a_broken_quantization(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training import export
+    from training.model import model_from_config
+
+    def broken_variants(fp32: Path, out_dir: Path, num_heads: int, hidden: int) -> dict[str, Path]:
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(fp32))
+        for init in model.graph.initializer:
+            if init.name.startswith("classifier") or "classifier" in init.name:
+                init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+        target = out_dir / "flipped" / "model.onnx"
+        target.parent.mkdir(parents=True)
+        onnx.save(model, str(target))
+        return {"flipped": target}
+
+    monkeypatch.setattr(export, "quantize_variants", broken_variants)
+    torch.manual_seed(0)
+    model = model_from_config(tiny_config(), 2).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(50)
+    texts = [t for t, _ in generated(40)]
+    with pytest.raises(export.ParityError):
+        export.export_int8(model, base_tokenizer_json(), texts, [0] * 40, ["NEGATIVE", "POSITIVE"], 32, tmp_path)
+
+
+def test_tiny_package_is_valid_and_serves(tmp_path: Path) -> None:
+    package = build_tiny_package(tmp_path / "tiny", labels=("NEGATIVE", "NEUTRAL", "POSITIVE"), seed=3, name="t3")
+    manifest = verify_package(package)
+    assert manifest.labels == ["NEGATIVE", "NEUTRAL", "POSITIVE"] and manifest.reference is not None
+    probs = Classifier.load(package).predict(["good", "bad", ""]).probabilities
+    assert probs.shape == (3, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_registry_versions_and_current(tmp_path: Path) -> None:
+    from training.registry import current_version, list_versions, publish_to_registry
+    from worker.package import resolve_package_dir
+
+    for version, seed in (("20260101-000000", 0), ("20260102-000000", 1)):
+        staging = build_tiny_package(tmp_path / f"stage-{seed}", seed=seed)
+        publish_to_registry(staging, tmp_path / "reg", "tiny", version)
+    assert list_versions(tmp_path / "reg", "tiny") == ["20260101-000000", "20260102-000000"]
+    assert current_version(tmp_path / "reg", "tiny") == "20260102-000000"
+    assert resolve_package_dir(tmp_path / "reg" / "tiny").name == "20260102-000000"
+    with pytest.raises(FileExistsError):
+        publish_to_registry(build_tiny_package(tmp_path / "s3"), tmp_path / "reg", "tiny", "20260102-000000")
