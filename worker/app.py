@@ -31,9 +31,9 @@ from aiokafka.errors import KafkaError
 
 from schemas import DeadLetter, LabeledEvent, ModelUpdate, WindowStats
 from worker import metrics
-from worker.decode import Decoded, DecodeLimits, RecordMeta, decode_key, decode_record
+from worker.decode import Decoded, RecordMeta, decode_key, decode_record
 from worker.inference import Classifier
-from worker.pipeline import BatchResult, Labeler
+from worker.pipeline import BatchResult, build_labeler
 from worker.settings import WorkerSettings
 from worker.topics import ensure_topics
 from worker.window_stats import WindowAccumulator
@@ -67,13 +67,12 @@ def faust_credentials(settings: WorkerSettings) -> Any:
 class StreamWorker:
     """Owns the faust app, the model, and the per-batch delivery rule."""
 
-    def __init__(self, settings: WorkerSettings, classifier: Classifier | None = None) -> None:
+    def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.limits = DecodeLimits(settings.max_text_chars, settings.max_message_bytes, settings.dlq_raw_bytes)
-        classifier = classifier or Classifier.load(settings.model_dir, intra_op_threads=settings.intra_op_threads)
-        self.labeler = Labeler(classifier, self.limits, threshold=settings.threshold, echo_text=settings.echo_text,
-                               retries=settings.inference_retries)
+        self.labeler = build_labeler(settings)
+        self.limits = self.labeler.limits
+        classifier = self.labeler.classifier
         # One inference thread: ORT and tokenizers release the GIL, so the loop stays responsive.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         # Model loads (hot reload) get their own thread so they never queue behind inference.

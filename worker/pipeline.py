@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import structlog
@@ -22,10 +23,15 @@ import structlog
 from schemas import DeadLetter, LabeledEvent
 from worker.decode import Decoded, DecodeLimits, dead_letter
 from worker.inference import Classifier, Predictions
+from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
 Outcome = LabeledEvent | DeadLetter
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the chaos hook (SENTIMENT_FAULT_MARKER) to prove the failure rule on a live stream."""
 
 
 @dataclass
@@ -51,13 +57,15 @@ class Labeler:
 
     def __init__(self, classifier: Classifier, limits: DecodeLimits, threshold: float | None = None,
                  echo_text: bool = False, retries: int = 1,
-                 aspect_stage: Callable[[Sequence[Decoded]], list[list]] | None = None) -> None:
+                 aspect_stage: Callable[[Sequence[Decoded]], list[list]] | None = None,
+                 fault_marker: str | None = None) -> None:
         self.classifier = classifier
         self.limits = limits
         self.threshold_override = threshold
         self.echo_text = echo_text
         self.retries = retries
         self.aspect_stage = aspect_stage
+        self.fault_marker = fault_marker
 
     @property
     def threshold(self) -> float:
@@ -79,6 +87,8 @@ class Labeler:
         return self._isolate(classifier, batch, started)
 
     def _infer(self, classifier: Classifier, batch: Sequence[Decoded]) -> tuple[Predictions, list[list]]:
+        if self.fault_marker and any(self.fault_marker in item.request.text for item in batch):
+            raise InjectedFault(f"fault marker {self.fault_marker!r} in batch")
         predictions = classifier.predict([item.request.text for item in batch])
         aspects = self.aspect_stage(batch) if self.aspect_stage else [[] for _ in batch]
         return predictions, aspects
@@ -139,6 +149,14 @@ class Labeler:
             text_lengths=np.fromiter((len(item.request.text) for item in batch), dtype=np.int64, count=len(batch)),
             inference_seconds=(labeled_at - started).total_seconds(),
         )
+
+
+def build_labeler(settings: WorkerSettings, model_dir: Path | None = None, threads: int | None = None) -> Labeler:
+    """The Labeler a process serves with: the stream worker and ``sentiment predict`` both build it here."""
+    classifier = Classifier.load(model_dir or settings.model_dir, intra_op_threads=threads or settings.intra_op_threads)
+    limits = DecodeLimits(settings.max_text_chars, settings.max_message_bytes, settings.dlq_raw_bytes)
+    return Labeler(classifier, limits, threshold=settings.threshold, echo_text=settings.echo_text,
+                   retries=settings.inference_retries, fault_marker=settings.fault_marker)
 
 
 def _latency_ms(item: Decoded, labeled_at: datetime) -> float:

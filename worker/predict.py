@@ -14,8 +14,7 @@ from typing import TextIO
 
 from schemas import DeadLetter
 from worker.decode import Decoded, DecodeLimits, RecordMeta, decode_record
-from worker.inference import Classifier
-from worker.pipeline import Labeler
+from worker.pipeline import build_labeler
 from worker.settings import WorkerSettings
 
 
@@ -33,16 +32,9 @@ def _chunks(source: TextIO, name: str, limits: DecodeLimits, size: int) -> Itera
         yield chunk
 
 
-def build_labeler(model_dir: Path, settings: WorkerSettings, threads: int) -> Labeler:
-    classifier = Classifier.load(model_dir, intra_op_threads=threads)
-    limits = DecodeLimits(settings.max_text_chars, settings.max_message_bytes, settings.dlq_raw_bytes)
-    return Labeler(classifier, limits, threshold=settings.threshold, echo_text=settings.echo_text,
-                   retries=settings.inference_retries)
-
-
 def predict_file(model_dir: Path, source: TextIO, sink: TextIO, settings: WorkerSettings, batch_size: int,
                  threads: int) -> dict[str, int]:
-    labeler = build_labeler(model_dir, settings, threads)
+    labeler = build_labeler(settings, model_dir, threads)
     counts = {"labeled": 0, "dead_letter": 0}
     name = getattr(source, "name", "stdin")
     for chunk in _chunks(source, Path(str(name)).name, labeler.limits, batch_size):

@@ -101,6 +101,8 @@ class WorkerSettings(TopicSettings):
     stats_window_seconds: float = Field(default=60.0, gt=0)
     worker_id: str | None = None
     inference_retries: int = Field(default=1, ge=0, le=5)
+    fault_marker: str | None = Field(
+        default=None, description="Chaos testing only: inference raises on any batch with a text containing this.")
     session_timeout_s: float = Field(default=10.0, gt=0)
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     max_poll_interval_s: float = Field(default=300.0, gt=0)
