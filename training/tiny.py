@@ -84,3 +84,16 @@ def build_tiny_package(out_dir: Path, labels: Sequence[str] = ("NEGATIVE", "POSI
     )
     write_manifest(out_dir, manifest)
     return out_dir
+
+
+def build_tiny_encoder(out_dir: Path, seed: int = 0) -> Path:
+    """A random-init tiny BERT saved as a local HF model directory (with the MiniLM tokenizer): a stand-in
+    base encoder for tests of anything that fine-tunes (``sentiment train``, the retraining service)."""
+    from transformers import BertModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    BertModel(tiny_config(), add_pooling_layer=False).save_pretrained(out_dir)
+    shutil.copyfile(base_tokenizer_json(), out_dir / "tokenizer.json")
+    return out_dir
