@@ -119,3 +119,27 @@ def masked(settings: BaseSettings) -> dict[str, Any]:
         if value is not None and (name in SECRET_FIELDS or isinstance(getattr(settings, name), SecretStr)):
             data[name] = "**********"
     return data
+
+
+class DriftMonitorSettings(TopicSettings):
+    """The drift monitor (``sentiment drift-monitor``): reads sentiment.stats, writes drift alerts."""
+
+    drift_group_id: str = Field(default="sentiment-drift-monitor", description="The monitor's own consumer group.")
+    model_dir: Path = Field(default=DEFAULT_MODEL_DIR, description="Package (or registry model) dir being served.")
+    registry_dir: Path | None = Field(
+        default=None, description="Model registry root (<root>/<name>/<version>/); manifests of new versions are "
+                                  "looked up there, and at the paths ModelUpdate events carry.")
+    drift_window_min_n: int = Field(default=500, ge=1, description="Pool workers' stats until this many records.")
+    drift_window_max_wait_s: float = Field(
+        default=600.0, gt=0, description="Evaluate a smaller pool once its oldest stats are this old ...")
+    drift_window_min_n_floor: int = Field(default=50, ge=1, description="... provided it has this many records.")
+    drift_false_alarm_rate: float = Field(default=0.002, gt=0, lt=0.5, description="Family-wise, per window.")
+    drift_cooldown_windows: int = Field(default=10, ge=0)
+    drift_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="The workers' UNCERTAIN threshold when it overrides the manifest's.")
+    drift_replicates: int = Field(default=20000, ge=500, description="Bootstrap replicates per window size.")
+    drift_auto_offset_reset: Literal["earliest", "latest"] = "latest"
+    retrain_min_severity: Literal["info", "warning", "critical", "off"] = "critical"
+    retrain_cooldown_s: float = Field(default=3600.0, ge=0, description="At most one RetrainRequest per this long.")
+    drift_metrics_port: int = Field(default=9109, ge=0, le=65535, description="0 disables the Prometheus endpoint.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
