@@ -274,3 +274,21 @@ def test_merge_sums_workers() -> None:
         merge_window_stats([a, other_model])
     with pytest.raises(StatsMergeError):
         merge_window_stats([])
+
+
+def test_estimator_parameters_come_from_config_then_manifest_then_defaults() -> None:
+    from worker.drift import DEFAULT_ATC_WEIGHT, DEFAULT_SHIFT_SLOPE, estimator_parameters
+
+    man = manifest()
+    assert estimator_parameters(man, DetectorConfig()) == (DEFAULT_ATC_WEIGHT, DEFAULT_SHIFT_SLOPE)
+    extra = {"drift_estimator": {"atc_weight": 0.2, "shift_slope": 1.4}}
+    tuned = ModelManifest.model_validate({**man.model_dump(), **extra})
+    assert estimator_parameters(tuned, DetectorConfig()) == (0.2, 1.4)
+    assert estimator_parameters(tuned, DetectorConfig(atc_weight=1.0, shift_slope=1.0)) == (1.0, 1.0)
+    # A steeper slope moves a drop further down, and leaves the reference itself where it was.
+    steep_manifest = ModelManifest.model_validate({**man.model_dump(), "drift_estimator": {"shift_slope": 1.4}})
+    steep = DriftDetector(steep_manifest, FAST)
+    shifted_stats = window(*shifted(np.random.default_rng(0), 500))
+    plain = DriftDetector(man, FAST)
+    steep_estimate = steep.evaluate(shifted_stats)[1]["estimated_accuracy"]
+    assert steep_estimate < plain.evaluate(shifted_stats)[1]["estimated_accuracy"]

@@ -48,6 +48,9 @@ MetricName = Literal["psi_confidence", "label_mix_js", "uncertain_rate", "estima
 Severity = Literal["info", "warning", "critical"]
 METRICS: tuple[MetricName, ...] = ("psi_confidence", "label_mix_js", "uncertain_rate", "estimated_accuracy")
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
+# Label-free accuracy estimate (see AccuracyEstimator): fitted for models/sentiment-en, worker/DRIFT.md.
+DEFAULT_ATC_WEIGHT = 0.5
+DEFAULT_SHIFT_SLOPE = 1.0
 SMOOTHING = 0.5  # pseudo-count per bin: keeps PSI / JS finite when a bin is empty on one side
 
 
@@ -448,8 +451,22 @@ class DetectorConfig:
     max_psi_bins: int = 10
     threshold: float | None = None  # UNCERTAIN threshold the workers use; None: the manifest's
     estimator: Literal["cbpe", "atc", "blend"] = "blend"
-    atc_weight: float = 0.5
-    shift_slope: float = 1.0
+    # None: the manifest's ``drift_estimator`` entry when it has one, else the module defaults.
+    atc_weight: float | None = None
+    shift_slope: float | None = None
+
+
+def estimator_parameters(manifest: ModelManifest, cfg: DetectorConfig) -> tuple[float, float]:
+    """(atc_weight, shift_slope): the config's, else the manifest's ``drift_estimator``, else the defaults.
+
+    A package may carry ``"drift_estimator": {"atc_weight": w, "shift_slope": k}`` (fitted on labelled
+    shifted data for that model); the defaults were fitted for models/sentiment-en (worker/DRIFT.md).
+    """
+    extra = (manifest.model_extra or {}).get("drift_estimator")
+    extra = extra if isinstance(extra, dict) else {}
+    weight = cfg.atc_weight if cfg.atc_weight is not None else float(extra.get("atc_weight", DEFAULT_ATC_WEIGHT))
+    slope = cfg.shift_slope if cfg.shift_slope is not None else float(extra.get("shift_slope", DEFAULT_SHIFT_SLOPE))
+    return weight, slope
 
 
 @dataclass
@@ -491,8 +508,8 @@ class DriftDetector:
         cfg = self.config
         self.manifest = manifest
         self.reference = Reference.from_manifest(manifest, cfg.threshold, cfg.max_psi_bins)
-        self.estimator = AccuracyEstimator.for_reference(self.reference, cfg.estimator, cfg.atc_weight,
-                                                         cfg.shift_slope)
+        atc_weight, shift_slope = estimator_parameters(manifest, cfg)
+        self.estimator = AccuracyEstimator.for_reference(self.reference, cfg.estimator, atc_weight, shift_slope)
         self.calibrator = ThresholdCalibrator(
             self.reference, self.estimator, cfg.false_alarm_rate, cfg.warn_rate, cfg.clear_quantile,
             cfg.replicates, cfg.seed,
