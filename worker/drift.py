@@ -26,8 +26,9 @@ Contract:
     alarm on one window above its ``fire`` threshold or on ``consecutive`` windows above its ``warn``
     threshold, and leaves alarm only at or below its ``clear`` level (hysteresis). Thresholds never go
     below a minimum effect size (``DetectorConfig.min_*``). An episode lasts while any metric is in
-    alarm; it raises one ``DriftAlert`` when it starts (plus one per severity escalation), and a new
-    episode within ``cooldown_windows`` of the last alert raises one only if it is more severe.
+    alarm; it raises one ``DriftAlert`` when it starts (plus one per severity escalation). A new episode
+    within ``cooldown_windows`` of the last alert raises none if it is no more severe and involves only
+    metrics that were in alarm at that alert (flapping); otherwise it alerts.
 """
 
 from __future__ import annotations
@@ -434,7 +435,7 @@ class DetectorConfig:
     warn_rate: float = 0.02  # family-wise, per window; needs `consecutive` windows in a row
     consecutive: int = 2
     clear_quantile: float = 0.8
-    cooldown_windows: int = 10  # a new episode this soon after an alert alerts only if it is more severe
+    cooldown_windows: int = 10  # a new episode this soon after an alert must be more severe or involve new metrics
     # Smallest drift worth an alert, in statistic units (PSI; JS bits; UNCERTAIN-rate and accuracy points).
     min_psi: float = 0.02
     min_js: float = 0.002
@@ -526,6 +527,7 @@ class DriftDetector:
         self._index = 0
         self._last_alert: int | None = None
         self._last_severity: Severity = "info"
+        self._last_metrics: set[str] = set()
         self._episode_severity: Severity | None = None
 
     def evaluate(self, stats: WindowStats) -> tuple[dict[str, float], dict[str, float], float]:
@@ -583,8 +585,10 @@ class DriftDetector:
             return None
         cfg = self.config
         drop = self.reference.expected_accuracy - values["estimated_accuracy"]
+        # PSI alone is critical only well above its own noise: on a small window 0.25 can be chance.
+        psi_critical = max(cfg.critical_psi, 2 * th.fire["psi_confidence"])
         if ("estimated_accuracy" in in_alarm and drop >= cfg.critical_accuracy_drop) or (
-                "psi_confidence" in in_alarm and values["psi_confidence"] >= cfg.critical_psi):
+                "psi_confidence" in in_alarm and values["psi_confidence"] >= psi_critical):
             return "critical"
         if any(self._state[m].fired for m in in_alarm):
             return "warning"
@@ -597,8 +601,12 @@ class DriftDetector:
             return
         if self._episode_severity is None:  # a new episode
             self._episode_severity = severity
+            # Cooldown against flapping: the same metrics re-entering alarm soon after an alert, at no higher
+            # severity, are the same drift. A more severe episode, or one that brings new metrics into
+            # alarm (a real shift right after a false alarm), still alerts.
             recent = self._last_alert is not None and result.index - self._last_alert <= self.config.cooldown_windows
-            if recent and SEVERITY_RANK[severity] <= SEVERITY_RANK[self._last_severity]:
+            same = set(entered or result.in_alarm) <= self._last_metrics
+            if recent and same and SEVERITY_RANK[severity] <= SEVERITY_RANK[self._last_severity]:
                 result.suppressed = True
                 return
             escalation = False
@@ -611,6 +619,7 @@ class DriftDetector:
         primary = max(candidates, key=lambda m: result.statistics[m] / max(result.thresholds.fire[m], 1e-12))
         result.alerts.append(self._alert(result, stats, primary, severity, escalation))
         self._last_alert, self._last_severity = result.index, severity
+        self._last_metrics = set(result.in_alarm)
 
     def _alert(self, result: WindowResult, stats: WindowStats, metric: MetricName | str, severity: Severity,
                escalation: bool) -> DriftAlert:
