@@ -1,0 +1,353 @@
+"""The aspect stage: per-aspect sentiment for a micro-batch of requests.
+
+Contract (``AspectStage.__call__(batch) -> list[list[AspectSentiment]]``, one list per request, input order):
+  * Aspects come from three places, in this output order:
+      1. ``request.aspects`` — each entry is classified, always, even if it is not in the text. An entry that
+         names a configured category (case-insensitive) is that category; anything else is a term. When the
+         term (or, for a category, one of its seed terms) occurs in the text, ``term`` and ``span`` are filled
+         (case-insensitive, inflections allowed; ``span`` is [start, end) in code points of the original text).
+      2. configured categories (``aspect_categories.json``): found by a seed term or inflection of it, else by
+         cosine similarity between a clause of the text and the category description (sentence embedder).
+      3. open aspect terms from the BIO tagger, minus those overlapping a span found above.
+    With ``detect="auto"`` (default) 2 and 3 run only for requests without ``aspects``: a producer that names
+    its aspects gets exactly those, and pays for nothing else. ``"always"`` / ``"never"`` override that.
+  * Batching: all (text, aspect) pairs of the batch go through ONE ``Classifier.predict_pairs`` call (none
+    when the batch has no aspects), the tagger and the embedder through one call each. Requests without
+    aspects get ``[]`` and cost nothing in the pair classifier.
+  * Each aspect gets its own threshold: the category's ``threshold`` if configured, else the ABSA package's
+    manifest threshold; below it ``label`` is UNCERTAIN and ``predicted_label`` keeps the argmax.
+  * ``negated``: a negation cue (not, no, never, n't, without, ...) in the same clause as the term, up to
+    three words before it or anywhere after it. A heuristic, False when the aspect has no span.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from schemas import AspectSentiment
+from worker.absa_models import SentenceEmbedder, TokenTagger
+from worker.inference import Classifier, decide
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+Detect = Literal["auto", "always", "never"]
+
+
+@dataclass(frozen=True)
+class AbsaPaths:
+    """Where the shipped ABSA artefacts live (relative to the repository root)."""
+
+    absa_model_dir: Path = REPO_ROOT / "models" / "absa-en"
+    tagger_dir: Path = REPO_ROOT / "models" / "aspect-tagger-en"
+    embedder_dir: Path = REPO_ROOT / "models" / "minilm-embed-en"
+    categories_path: Path = REPO_ROOT / "worker" / "aspect_categories.json"
+
+
+def default_paths() -> AbsaPaths:
+    return AbsaPaths()
+
+
+# --- categories and term matching --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Category:
+    name: str
+    terms: tuple[str, ...]
+    description: str
+    query: str
+    threshold: float | None
+    pattern: re.Pattern[str]
+    examples: tuple[str, ...] = ()
+
+    @property
+    def prototypes(self) -> list[str]:
+        """What clauses are compared with: the description and the example sentences."""
+        return [self.description, *self.examples]
+
+
+@dataclass(frozen=True)
+class CategoryConfig:
+    categories: tuple[Category, ...]
+    similarity_threshold: float
+
+    def by_name(self, name: str) -> Category | None:
+        key = name.strip().casefold()
+        return next((c for c in self.categories if c.name.casefold() == key), None)
+
+
+def load_categories(path: Path) -> list[Category]:
+    return list(load_category_config(path).categories)
+
+
+def load_category_config(path: Path) -> CategoryConfig:
+    """Reads the JSON file; raises ValueError with the category's name on a malformed entry."""
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    categories = []
+    for entry in raw["categories"]:
+        name = entry.get("name", "").strip()
+        terms = tuple(t.strip() for t in entry.get("terms", []) if t.strip())
+        if not name or not entry.get("description"):
+            raise ValueError(f"{path}: category {name!r} needs a name and a description")
+        categories.append(Category(
+            name=name, terms=terms, description=entry["description"].strip(),
+            query=entry.get("query") or name.replace("/", " "), threshold=entry.get("threshold"),
+            pattern=terms_pattern(terms or (name,)),
+            examples=tuple(e.strip() for e in entry.get("examples", []) if e.strip()),
+        ))
+    return CategoryConfig(tuple(categories), float(raw.get("similarity_threshold", 0.45)))
+
+
+def word_forms(word: str) -> list[str]:
+    """A word and its common English inflections (plural, past, -ing, -er), lower case.
+
+    A lemmatiser would be more exact; this covers seed terms (ship → ships, shipped, shipping;
+    arrive → arrived, arriving; delivery → deliveries) without a model or a download.
+    """
+    w = word.lower()
+    forms = {w, w + "s", w + "es", w + "ed", w + "ing", w + "er", w + "ers"}
+    if w.endswith("e"):
+        forms |= {w + "d", w[:-1] + "ing", w + "r", w + "rs"}
+    if w.endswith("y") and len(w) > 2 and w[-2] not in "aeiou":
+        forms |= {w[:-1] + "ies", w[:-1] + "ied"}
+    if len(w) >= 3 and w[-1] not in "aeiouwxy" and w[-2] in "aeiou" and w[-3] not in "aeiou":
+        forms |= {w + w[-1] + "ed", w + w[-1] + "ing", w + w[-1] + "er"}  # ship → shipped
+    return sorted(forms, key=len, reverse=True)
+
+
+def term_regex(term: str) -> str:
+    """Regex source for a (multi-word) term: every word in any of its forms, words split by whitespace/hyphens."""
+    words = re.findall(r"\w+", term)
+    parts = ["(?:" + "|".join(re.escape(f) for f in word_forms(w)) + ")" for w in words]
+    return r"(?<!\w)" + r"[\s\-]+".join(parts) + r"(?!\w)"
+
+
+def terms_pattern(terms: Sequence[str]) -> re.Pattern[str]:
+    # Longer terms first so "customer service" wins over "service" at the same position.
+    ordered = sorted(terms, key=len, reverse=True)
+    return re.compile("|".join(term_regex(t) for t in ordered), re.IGNORECASE)
+
+
+def find_term(text: str, term: str) -> tuple[int, int] | None:
+    """First case-insensitive occurrence of ``term`` as whole words, else of an inflection of it.
+
+    ``re.IGNORECASE`` folds case per code point, so offsets index the original string even where
+    ``str.lower()`` would change its length (e.g. "İ").
+    """
+    term = term.strip()
+    if not term:
+        return None
+    patterns = [r"(?<!\w)" + re.escape(term) + r"(?!\w)"]
+    if re.search(r"\w", term):
+        patterns.append(term_regex(term))
+    patterns.append(re.escape(term))  # last resort: inside a longer word ("wifi" in "wifi-enabled")
+    for pattern in patterns:
+        match = re.search(pattern, text, re.IGNORECASE)
+        if match:
+            return match.start(), match.end()
+    return None
+
+
+# --- clauses and negation ----------------------------------------------------------------------------------
+
+_CLAUSE_BREAK = re.compile(r"[.!?;:\n]+|,?\s+(?:but|however|although|though|whereas|while|yet)\b|\s+-\s+",
+                           re.IGNORECASE)
+_NEGATION = re.compile(r"(?<!\w)(?:not|no|never|nothing|none|neither|nor|cannot|without|hardly|barely|nobody)"
+                       r"(?!\w)|n[’']t(?!\w)", re.IGNORECASE)
+
+
+def clauses(text: str, min_words: int = 2) -> list[tuple[int, int]]:
+    """[start, end) spans of the clauses of ``text`` (split at sentence ends and contrast words), stripped."""
+    spans, start = [], 0
+    for m in [*_CLAUSE_BREAK.finditer(text), None]:
+        end = m.start() if m else len(text)
+        piece = text[start:end]
+        lead = len(piece) - len(piece.lstrip())
+        s, e = start + lead, start + len(piece.rstrip())
+        if e > s and len(re.findall(r"\w+", text[s:e])) >= min_words:
+            spans.append((s, e))
+        start = m.end() if m else len(text)
+    return spans
+
+
+def is_negated(text: str, span: tuple[int, int] | None) -> bool:
+    """A negation cue in the term's clause: within three words before the term, or after it."""
+    if span is None:
+        return False
+    clause = next(((s, e) for s, e in clauses(text, min_words=1) if s <= span[0] < e), (0, len(text)))
+    before = text[clause[0]:span[0]]
+    window = " ".join(before.split()[-3:])
+    after = text[span[1]:clause[1]]
+    return bool(_NEGATION.search(window) or _NEGATION.search(after))
+
+
+# --- the stage ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidate:
+    aspect: str
+    query: str  # what the pair classifier is asked about
+    term: str | None
+    span: tuple[int, int] | None
+    origin: Literal["request", "category", "tagger"]
+    threshold: float
+
+
+class AspectStage:
+    """Finds the aspects of each text in a micro-batch and classifies them all in one pair-classifier call."""
+
+    def __init__(self, classifier: Classifier, config: CategoryConfig | None = None,
+                 tagger: TokenTagger | None = None, embedder: SentenceEmbedder | None = None,
+                 detect: Detect = "auto", max_aspects: int = 8) -> None:
+        self.classifier = classifier
+        self.config = config or CategoryConfig((), 1.0)
+        self.tagger = tagger
+        self.embedder = embedder
+        self.detect = detect
+        self.max_aspects = max_aspects
+        self.threshold = classifier.manifest.threshold
+        # Prototype embeddings once at load; row owner tells which category a prototype belongs to.
+        self._owner = np.array([c for c, cat in enumerate(self.config.categories) for _ in cat.prototypes])
+        self._prototypes = (embedder.embed([p for cat in self.config.categories for p in cat.prototypes])
+                            if embedder is not None and self.config.categories else None)
+
+    @classmethod
+    def load(cls, absa_model_dir: Path, *, categories_path: Path | None = None, tagger_dir: Path | None = None,
+             embedder_dir: Path | None = None, intra_op_threads: int = 1, detect: Detect = "auto",
+             max_aspects: int = 8) -> AspectStage:
+        """Loads (and hash-verifies) the packages given; a part left as None is switched off."""
+        classifier = Classifier.load(absa_model_dir, intra_op_threads=intra_op_threads)
+        config = load_category_config(categories_path) if categories_path is not None else None
+        tagger = TokenTagger.load(tagger_dir, intra_op_threads) if tagger_dir is not None else None
+        embedder = SentenceEmbedder.load(embedder_dir, intra_op_threads) if embedder_dir is not None else None
+        return cls(classifier, config, tagger, embedder, detect, max_aspects)
+
+    @classmethod
+    def load_default(cls, intra_op_threads: int = 1, detect: Detect = "auto") -> AspectStage:
+        """Everything shipped (``default_paths()``); a tagger or embedder package that is absent is skipped."""
+        p = default_paths()
+        return cls.load(p.absa_model_dir, categories_path=p.categories_path,
+                        tagger_dir=p.tagger_dir if (p.tagger_dir / "manifest.json").exists() else None,
+                        embedder_dir=p.embedder_dir if (p.embedder_dir / "manifest.json").exists() else None,
+                        intra_op_threads=intra_op_threads, detect=detect)
+
+    def __call__(self, batch: Sequence) -> list[list[AspectSentiment]]:
+        """The worker's hook: ``batch`` holds ``worker.decode.Decoded`` items (``.request.text/.aspects``)."""
+        return self.analyze([item.request.text for item in batch], [item.request.aspects for item in batch])
+
+    def analyze(self, texts: Sequence[str], aspects: Sequence[Sequence[str] | None]) -> list[list[AspectSentiment]]:
+        """Per-aspect sentiment for each text; ``aspects[i]`` are request aspects (None or [] for none)."""
+        candidates = [self._requested(text, list(asked or [])) for text, asked in zip(texts, aspects, strict=True)]
+        detect = [self.detect == "always" or (self.detect == "auto" and not asked) for asked in aspects]
+        if self.detect != "never":
+            self._detect(texts, detect, candidates)
+        candidates = [c[: self.max_aspects] for c in candidates]
+        return self._classify(texts, candidates)
+
+    # -- finding aspects
+
+    def _requested(self, text: str, asked: list[str]) -> list[_Candidate]:
+        out = []
+        for aspect in asked:
+            category = self.config.by_name(aspect)
+            if category is not None:
+                match = category.pattern.search(text)
+                span = (match.start(), match.end()) if match else None
+                out.append(_Candidate(category.name, text[span[0]:span[1]] if span else category.query,
+                                      text[span[0]:span[1]] if span else None, span, "request",
+                                      self._threshold(category)))
+            else:
+                span = find_term(text, aspect)
+                out.append(_Candidate(aspect, aspect, text[span[0]:span[1]] if span else None, span, "request",
+                                      self.threshold))
+        return out
+
+    def _detect(self, texts: Sequence[str], detect: Sequence[bool], candidates: list[list[_Candidate]]) -> None:
+        rows = [i for i, d in enumerate(detect) if d]
+        if not rows:
+            return
+        clause_hits = self._embedding_hits([texts[i] for i in rows])
+        tagged = self.tagger.tag([texts[i] for i in rows]) if self.tagger is not None else [[] for _ in rows]
+        for k, i in enumerate(rows):
+            text, found = texts[i], candidates[i]
+            taken = {c.aspect for c in found}
+            for category in self.config.categories:
+                if category.name in taken:
+                    continue
+                match = category.pattern.search(text)
+                if match:
+                    term = match.group(0)
+                    found.append(_Candidate(category.name, term, term, (match.start(), match.end()), "category",
+                                            self._threshold(category)))
+                elif category.name in clause_hits[k]:
+                    s, e = clause_hits[k][category.name]
+                    found.append(_Candidate(category.name, category.query, text[s:e], (s, e), "category",
+                                            self._threshold(category)))
+            spans = [c.span for c in found if c.span is not None and c.term is not None and len(c.term) < 40]
+            for s, e in tagged[k]:
+                if not any(s < b and a < e for a, b in spans):
+                    found.append(_Candidate(text[s:e], text[s:e], text[s:e], (s, e), "tagger", self.threshold))
+                    spans.append((s, e))
+
+    def _embedding_hits(self, texts: Sequence[str]) -> list[dict[str, tuple[int, int]]]:
+        """Per text: category name → the clause span most similar to its description (above the threshold)."""
+        hits: list[dict[str, tuple[int, int]]] = [{} for _ in texts]
+        if self.embedder is None or self._prototypes is None:
+            return hits
+        owners, spans, pieces = [], [], []
+        for i, text in enumerate(texts):
+            for s, e in clauses(text):
+                owners.append(i)
+                spans.append((s, e))
+                pieces.append(text[s:e])
+        if not pieces:
+            return hits
+        by_prototype = self.embedder.embed(pieces) @ self._prototypes.T  # cosine, (clauses, prototypes)
+        sims = np.full((len(pieces), len(self.config.categories)), -1.0, dtype=np.float32)
+        for c in range(len(self.config.categories)):
+            sims[:, c] = by_prototype[:, self._owner == c].max(axis=1)
+        best: dict[tuple[int, int], float] = {}
+        for row, (owner, span) in enumerate(zip(owners, spans, strict=True)):
+            for c, category in enumerate(self.config.categories):
+                score = float(sims[row, c])
+                if score >= self.config.similarity_threshold and score > best.get((owner, c), -1.0):
+                    best[(owner, c)] = score
+                    hits[owner][category.name] = span
+        return hits
+
+    def _threshold(self, category: Category) -> float:
+        return category.threshold if category.threshold is not None else self.threshold
+
+    # -- classifying
+
+    def _classify(self, texts: Sequence[str], candidates: list[list[_Candidate]]) -> list[list[AspectSentiment]]:
+        pair_texts = [texts[i] for i, found in enumerate(candidates) for _ in found]
+        queries = [c.query for found in candidates for c in found]
+        if not queries:
+            return [[] for _ in texts]
+        probs = self.classifier.predict_pairs(pair_texts, queries).probabilities
+        labels = self.classifier.labels
+        out: list[list[AspectSentiment]] = []
+        row = 0
+        for i, found in enumerate(candidates):
+            results = []
+            for c in found:
+                p = probs[row]
+                label, predicted, confidence = decide(p, labels, c.threshold)
+                results.append(AspectSentiment(
+                    aspect=c.aspect, term=c.term, span=c.span, origin=c.origin, label=label,
+                    predicted_label=predicted, confidence=round(confidence, 6),
+                    probabilities={lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)},
+                    threshold=c.threshold, negated=is_negated(texts[i], c.span),
+                ))
+                row += 1
+            out.append(results)
+        return out
+
