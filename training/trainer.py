@@ -58,7 +58,7 @@ class TrainerSettings(TopicSettings):
     holdout: Path | None = Field(default=None, description="Fixed holdout file both models are scored on.")
     holdout_format: str = "auto"
     max_steps: int = 300
-    batch_size: int = 32
+    train_batch_size: int = 32
     learning_rate: float = 8e-5
     max_length: int = 64
     cooldown_s: float = 600.0
@@ -178,8 +178,8 @@ def run_job(settings: TrainerSettings, request: RetrainRequest, work_root: Path)
     version = new_version()
     work = work_root / version
     config = TrainConfig(base_encoder=encoder, out_dir=str(work / "train"), labels=labels,
-                         max_length=settings.max_length, batch_size=settings.batch_size, max_steps=settings.max_steps,
-                         lr=settings.learning_rate, progress=False, resume=False)
+                         max_length=settings.max_length, batch_size=settings.train_batch_size,
+                         max_steps=settings.max_steps, lr=settings.learning_rate, progress=False, resume=False)
     result = train(config, train_set, holdout)
     from training.model import load_model
 
@@ -220,7 +220,14 @@ def _default_encoder() -> Path:
 def record_decision(settings: TrainerSettings, decision: Decision) -> None:
     settings.decisions_log.parent.mkdir(parents=True, exist_ok=True)
     with settings.decisions_log.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(asdict(decision)) + "\n")
+        handle.write(decision_json(decision) + "\n")
+
+
+def decision_json(decision: Decision) -> str:
+    """Strict JSON: a score that could not be measured (no held-out feedback) is null, not NaN."""
+    data = asdict(decision)
+    data["scores"] = {k: (None if np.isnan(v) else v) for k, v in decision.scores.items()}
+    return json.dumps(data)
 
 
 # ------------------------------------------------------------------------------------------- the service
@@ -260,14 +267,28 @@ class Trainer:
         try:
             while not self.stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=500, max_records=50)
-                for records in batches.values():
-                    for record in records:
-                        await self.handle(record.topic, record.value, producer)
+                # Feedback first: a request must train on every correction that arrived before it.
+                records = sorted((r for rs in batches.values() for r in rs), key=lambda r: r.topic != s.feedback_topic)
+                for record in records:
+                    if record.topic == s.retrain_requests_topic:
+                        await self.catch_up_feedback(consumer)
+                    await self.handle(record.topic, record.value, producer)
                 if batches:
                     await consumer.commit()
         finally:
             await consumer.stop()
             await producer.stop()
+
+    async def catch_up_feedback(self, consumer) -> None:
+        """Reads the feedback partitions up to their current end, so the job sees all stored feedback."""
+        partitions = [tp for tp in consumer.assignment() if tp.topic == self.settings.feedback_topic]
+        if not partitions:
+            return
+        ends = await consumer.end_offsets(partitions)
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            for records in (await consumer.getmany(*partitions, timeout_ms=500)).values():
+                for record in records:
+                    await self.handle(record.topic, record.value, None)
 
     async def handle(self, topic: str, value: bytes | None, producer) -> None:
         s = self.settings
@@ -295,7 +316,7 @@ class Trainer:
                 decision = Decision(request.request_id, False, f"job failed: {exc!r}"[:500])
         self.last_finished = time.monotonic()
         record_decision(s, decision)
-        log.info("retrain decision: %s", json.dumps(asdict(decision)))
+        log.info("retrain decision: %s", decision_json(decision))
         if decision.promoted and decision.path:
             manifest = verify_package(decision.path)
             update = ModelUpdate(
@@ -304,7 +325,8 @@ class Trainer:
                 path=decision.path, previous_version=decision.champion_version, request_id=request.request_id,
                 metrics={k: v for k, v in decision.scores.items() if not np.isnan(v)},
             )
-            await producer.send_and_wait(s.model_updates_topic, manifest.name.encode(), update.to_json_bytes())
+            await producer.send_and_wait(s.model_updates_topic, value=update.to_json_bytes(),
+                                         key=manifest.name.encode())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
