@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`, `make soak`). Nothing here is imported by the worker."""
