@@ -151,6 +151,7 @@ class StreamWorker:
                 await stream.ack(event)
             await self.app.consumer.commit()
             self._observe(outputs, result)
+            self._observe_lag(events)
             self.batches_done += 1
             await self._publish_stats(self.window.add_batch(
                 result.predicted_indices, result.confidences, result.uncertain, result.text_lengths))
@@ -290,6 +291,18 @@ class StreamWorker:
             return
         self.pending_classifier = classifier
         log.info("model_update_loaded", version=update.model.version, path=update.path)
+
+    def _observe_lag(self, events: Sequence[faust.EventT]) -> None:
+        """Records behind the partition end after this batch, per input partition (cheap: cached highwater)."""
+        last: dict[Any, int] = {}
+        for event in events:
+            tp = event.message.tp
+            last[tp] = max(last.get(tp, -1), event.message.offset)
+        for tp, offset in last.items():
+            highwater = self.app.consumer.highwater(tp)
+            if highwater is not None and highwater >= 0:
+                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(highwater - offset - 1, 0))
 
     def _observe(self, outputs: list[tuple[str | None, LabeledEvent | DeadLetter]], result: BatchResult) -> None:
         labeled = [o for _, o in outputs if isinstance(o, LabeledEvent)]
