@@ -105,6 +105,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--threads", type=int, default=2, help="max torch threads; adapts down under contention")
     m.add_argument("--no-resume", action="store_true", help="start over even if WORK_DIR/last exists")
+    m.add_argument("--checkpoint", type=Path, metavar="DIR",
+                   help="skip fine-tuning: package this saved checkpoint (e.g. runs/NAME/best)")
     q = p.add_argument_group("export, threshold, report")
     q.add_argument("--min-agreement", type=float, default=0.995, help="parity gate: INT8/fp32 label agreement")
     q.add_argument("--max-drop", type=float, default=0.3, help="parity gate: max accuracy drop in points")
@@ -144,7 +146,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = build_train_parser().parse_args(list(argv) if argv is not None else None)
     _setup_logging(args.verbose)
     from training.export import ParityError, ParityGate
-    from training.pipeline import PackageOptions, run
+    from training.pipeline import PackageOptions, package_checkpoint, run
     from training.train import TrainConfig
 
     if not args.base_encoder:
@@ -168,7 +170,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         registry=None if args.out else (args.registry or Path("registry")),
     )
     try:
-        package = run(config, train, dev, options)
+        if args.checkpoint is not None:
+            package = package_checkpoint(args.checkpoint, config, train, dev, options)
+        else:
+            package = run(config, train, dev, options)
     except ParityError as exc:
         print(f"export refused: {exc}", file=sys.stderr)
         return 3

@@ -134,3 +134,18 @@ def run(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts, o
             "train_seconds": round(result.seconds, 1), "history": result.history}
     return package_model(model, Path(config.base_encoder) / "tokenizer.json", train_data, dev_data,
                          Path(config.out_dir), options, info)
+
+
+def package_checkpoint(checkpoint: Path, config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts,
+                       options: PackageOptions) -> Path:
+    """Packages a saved checkpoint (``save_model`` layout) without training, e.g. a mid-run ``best``."""
+    import json
+
+    model = load_model(Path(checkpoint))
+    best = Path(checkpoint) / "best.json"
+    info = {"config": {k: v for k, v in asdict(config).items() if k not in ("out_dir",)},
+            "train_rows": len(train_data), "dev_rows": len(dev_data), "checkpoint": Path(checkpoint).name,
+            "checkpoint_eval": json.loads(best.read_text()) if best.exists() else None}
+    work = Path(config.out_dir) / f"package-{Path(checkpoint).name}"
+    return package_model(model, Path(config.base_encoder) / "tokenizer.json", train_data, dev_data, work, options,
+                         info)
