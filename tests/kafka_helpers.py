@@ -136,8 +136,9 @@ class WorkerProcess:
     """``sentiment worker`` as a real OS process, so tests can SIGTERM and kill -9 it."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        # ABSA is off unless a test turns it on: most tests are about delivery, and CPU is scarce here.
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "SENTIMENT_METRICS_PORT": "0",
-                    "SENTIMENT_SESSION_TIMEOUT_S": "6", **env}
+                    "SENTIMENT_SESSION_TIMEOUT_S": "6", "SENTIMENT_ABSA_ENABLED": "false", **env}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 

@@ -153,10 +153,29 @@ class Labeler:
 
 def build_labeler(settings: WorkerSettings, model_dir: Path | None = None, threads: int | None = None) -> Labeler:
     """The Labeler a process serves with: the stream worker and ``sentiment predict`` both build it here."""
-    classifier = Classifier.load(model_dir or settings.model_dir, intra_op_threads=threads or settings.intra_op_threads)
+    threads = threads or settings.intra_op_threads
+    classifier = Classifier.load(model_dir or settings.model_dir, intra_op_threads=threads)
     limits = DecodeLimits(settings.max_text_chars, settings.max_message_bytes, settings.dlq_raw_bytes)
     return Labeler(classifier, limits, threshold=settings.threshold, echo_text=settings.echo_text,
-                   retries=settings.inference_retries, fault_marker=settings.fault_marker)
+                   retries=settings.inference_retries, fault_marker=settings.fault_marker,
+                   aspect_stage=build_aspect_stage(settings, threads))
+
+
+def build_aspect_stage(settings: WorkerSettings, threads: int) -> Callable[[Sequence[Decoded]], list[list]] | None:
+    """The ABSA stage from settings, or None when switched off. Missing optional parts (tagger, embedder,
+    categories) switch off only that way of finding aspects; a missing ABSA package is an error."""
+    if not settings.absa_enabled:
+        return None
+    from worker.absa import AspectStage
+
+    def present(path: Path | None) -> Path | None:
+        return path if path is not None and path.exists() else None
+
+    return AspectStage.load(
+        settings.absa_model_dir, categories_path=present(settings.aspect_categories),
+        tagger_dir=present(settings.aspect_tagger_dir), embedder_dir=present(settings.aspect_embedder_dir),
+        intra_op_threads=threads, detect=settings.absa_detect,
+    )
 
 
 def _latency_ms(item: Decoded, labeled_at: datetime) -> float:

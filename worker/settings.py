@@ -85,7 +85,13 @@ class WorkerSettings(TopicSettings):
 
     app_id: str = Field(default="sentiment-worker", description="Consumer group id.")
     model_dir: Path = DEFAULT_MODEL_DIR
-    absa_model_dir: Path | None = None
+    absa_enabled: bool = Field(default=True, description="Per-aspect sentiment in every event.")
+    absa_model_dir: Path = REPO_ROOT / "models" / "absa-en"
+    absa_detect: Literal["auto", "always", "never"] = Field(
+        default="auto", description="Find aspects (categories, tagger): auto = only when the request names none.")
+    aspect_categories: Path | None = REPO_ROOT / "worker" / "aspect_categories.json"
+    aspect_tagger_dir: Path | None = REPO_ROOT / "models" / "aspect-tagger-en"
+    aspect_embedder_dir: Path | None = REPO_ROOT / "models" / "minilm-embed-en"
     threshold: float | None = Field(default=None, ge=0, le=1, description="Overrides the manifest's threshold.")
     batch_size: int = Field(default=64, ge=1, le=4096)
     batch_max_wait_ms: int = Field(default=50, ge=0, le=60_000)

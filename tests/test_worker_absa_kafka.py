@@ -1,0 +1,51 @@
+"""ABSA in the stream: aspect-bearing messages through the real broker come back with per-aspect sentiment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.kafka_helpers import Topics, WorkerProcess, create_topic, produce_raw, read_all
+
+pytestmark = pytest.mark.kafka
+
+MESSAGES = [
+    {"id": "a1", "text": "Great phone, but delivery took three weeks.", "aspects": ["delivery", "phone"]},
+    {"id": "a2", "text": "Das Café 😍 hat guten Kaffee, but the service was slow.", "aspects": ["service"]},
+    {"id": "a3", "text": "The package came three weeks late and the box was crushed."},
+    {"id": "a4", "text": "ok"},
+    {"id": "a5", "text": "Battery life is superb.", "aspects": ["battery life", "price"]},
+]
+
+
+def test_aspects_are_filled_in_the_stream(topics: Topics, tiny_model, tmp_path):
+    asyncio.run(create_topic(topics.requests, partitions=3))
+    asyncio.run(produce_raw(topics.requests, [(m["id"].encode(), json.dumps(m).encode()) for m in MESSAGES]))
+    worker = WorkerProcess({**topics.env(), "SENTIMENT_MODEL_DIR": str(tiny_model), "SENTIMENT_ABSA_ENABLED": "true"},
+                           tmp_path / "worker.log").start()
+    try:
+        records = asyncio.run(read_all([topics.labeled, topics.dlq], expected=len(MESSAGES), timeout=120))
+    finally:
+        assert worker.terminate() == 0, worker.log()[-2000:]
+    events = {r.value["id"]: r.value for r in records}
+    assert sorted(events) == sorted(m["id"] for m in MESSAGES) and len(records) == len(MESSAGES)
+    texts = {m["id"]: m["text"] for m in MESSAGES}
+    for message in MESSAGES:
+        event = events[message["id"]]
+        asked = message.get("aspects")
+        if asked:  # requested aspects come first, one entry each
+            assert [a["origin"] for a in event["aspects"][: len(asked)]] == ["request"] * len(asked)
+        for aspect in event["aspects"]:
+            assert aspect["label"] in {"POSITIVE", "NEGATIVE", "NEUTRAL", "UNCERTAIN"}
+            assert abs(sum(aspect["probabilities"].values()) - 1) < 1e-3
+            if aspect["span"] is not None:
+                start, end = aspect["span"]
+                assert texts[message["id"]][start:end].lower() == aspect["term"].lower()
+    assert [a["term"] for a in events["a1"]["aspects"][:2]] == ["delivery", "phone"]
+    assert events["a2"]["aspects"][0]["term"] == "service"  # span counted in code points past the emoji
+    assert any(a["origin"] == "category" and a["aspect"] == "shipping/delivery" for a in events["a3"]["aspects"])
+    assert events["a4"]["aspects"] == []
+    price = next(a for a in events["a5"]["aspects"] if a["aspect"].lower().startswith("price"))
+    assert price["span"] is None  # asked for, classified, but not in the text
