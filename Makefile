@@ -27,6 +27,9 @@ kafka-down:
 demo: install kafka-up ## local Kafka + worker + sample texts in, labelled events out
 	$(BIN)/python -m worker.demo
 
+demo-drift: install kafka-up ## drift alert -> retrain -> gated promotion -> hot reload, end to end
+	$(BIN)/pytest -q -s tests/test_drift_loop.py
+
 test: install kafka-up ## the whole suite against the real broker
 	$(BIN)/pytest -q
 
