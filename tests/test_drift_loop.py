@@ -117,6 +117,10 @@ def test_drift_alert_retrains_promotes_and_the_worker_reloads(topics: Topics, tm
             process.terminate()
             process.wait(timeout=60)
         assert worker.terminate() == 0, worker.log()[-2000:]
+    print(f"\nloop: {len(sent)} inputs; first alert: {alerts[0].value if alerts else None}")
+    print(f"loop: retrain requests: {[r.value['request_id'] for r in requests]}")
+    print(f"loop: trainer decisions: {(registry / 'loop' / 'decisions.jsonl').read_text().strip()}")
+    print(f"loop: model updates: {[u.value['model']['version'] for u in updates]}")
     assert quiet == [], [a.value for a in quiet]
     assert alerts, (tmp_path / "monitor.log").read_text()[-3000:]
     assert requests and requests[0].value["requested_by"] == "drift-monitor"
