@@ -106,6 +106,10 @@ class StreamWorker:
             producer_acks=-1,
             producer_max_request_size=2_000_000,
             stream_wait_empty=True,
+            # Memory stays bounded even for 1 MB values: a few batches buffered, bounded fetches.
+            stream_buffer_maxsize=4 * s.batch_size,
+            broker_max_poll_records=max(2 * s.batch_size, 100),
+            consumer_max_fetch_size=4 * 1024 * 1024,
         )
         source = app.topic(*s.input_topics, key_serializer="raw", value_serializer="raw")
 
