@@ -198,3 +198,21 @@ def test_predict_gives_the_same_labels_as_the_stream(topics: Topics, tiny_model,
         assert record.value["label"] == mine["label"]
         assert record.value["predicted_label"] == mine["predicted_label"]
         assert record.value["confidence"] == pytest.approx(mine["confidence"], abs=1e-4)
+
+
+def test_uncertain_events_also_go_to_the_review_topic(topics: Topics, tiny_model, tmp_path):
+    run(create_topic(topics.requests, partitions=1))
+    run(produce_raw(topics.requests, [(None, json.dumps({"id": f"u{i}", "text": t}).encode())
+                                      for i, t in enumerate(GOOD_TEXTS)]))
+    # A threshold no prediction can reach: every event is UNCERTAIN, and the argmax is kept.
+    worker = start_worker(topics, tiny_model, tmp_path, SENTIMENT_THRESHOLD="1.0")
+    try:
+        records = run(read_all([topics.labeled, topics.uncertain], expected=2 * len(GOOD_TEXTS), timeout=90))
+    finally:
+        assert worker.terminate() == 0
+    labeled = [r.value for r in records if r.topic == topics.labeled]
+    uncertain = [r.value for r in records if r.topic == topics.uncertain]
+    assert len(labeled) == len(uncertain) == len(GOOD_TEXTS)
+    assert {e["label"] for e in labeled} == {"UNCERTAIN"} and {e["threshold"] for e in labeled} == {1.0}
+    assert all(e["predicted_label"] in {"POSITIVE", "NEGATIVE"} for e in uncertain)
+    assert sorted(e["id"] for e in labeled) == sorted(e["id"] for e in uncertain)
