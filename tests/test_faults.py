@@ -162,6 +162,41 @@ class PacedProducer(threading.Thread):
             await producer.stop()
 
 
+class GroupWatcher(threading.Thread):
+    """Samples the consumer group twice a second: which member ids held it, and in which states."""
+
+    def __init__(self, group: str) -> None:
+        super().__init__(daemon=True)
+        self.group = group
+        self.members: list[str] = []  # distinct member ids, in the order first seen
+        self.states: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        run(self._watch())
+
+    async def _watch(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_helpers.BOOTSTRAP)
+        await admin.start()
+        try:
+            while not self.stop.is_set():
+                try:
+                    entry = (await admin.describe_consumer_groups([self.group]))[0].groups[0]
+                    state, members = entry[2], entry[5]
+                    if not self.states or self.states[-1] != state:
+                        self.states.append(state)
+                    for member in members:
+                        if member[0] not in self.members:
+                            self.members.append(member[0])
+                except Exception:
+                    pass
+                await asyncio.sleep(0.5)
+        finally:
+            await admin.close()
+
+
 # --------------------------------------------------------------------------------------------- crashes
 
 
@@ -357,6 +392,8 @@ def test_a_stall_past_max_poll_interval_recovers_without_a_rebalance_storm(topic
     run(produce_raw(topics.requests, messages(n, "sl")))
     worker = start_worker(topics, tiny_model, tmp_path, "stall", SENTIMENT_MAX_POLL_INTERVAL_S="2",
                           SENTIMENT_SESSION_TIMEOUT_S="10", SENTIMENT_BATCH_SIZE="16")
+    watcher = GroupWatcher(topics.env()["SENTIMENT_APP_ID"])
+    watcher.start()
     try:
         wait_outputs(topics, n // 10, 180, worker)
         worker.proc.send_signal(signal.SIGSTOP)
@@ -364,14 +401,20 @@ def test_a_stall_past_max_poll_interval_recovers_without_a_rebalance_storm(topic
         worker.proc.send_signal(signal.SIGCONT)
         records = run(read_all([topics.labeled, topics.dlq], expected=n, timeout=300))
         assert worker.alive(), worker.log()[-3000:]
+        time.sleep(2)
     finally:
         if worker.proc.poll() is None:
             worker.proc.send_signal(signal.SIGCONT)
+        watcher.stop.set()
         code = worker.terminate()
+    watcher.join(timeout=10)
     assert code == 0, worker.log()[-3000:]
     stats = assert_nothing_lost(records, {f"sl-{i}" for i in range(n)})
     assert stats["duplicates"] <= 3 * 16, stats
-    report("stall_past_max_poll", **stats)
+    # One process: at most one rejoin after the stall (a new member id), and the group settles.
+    assert 1 <= len(watcher.members) <= 2, watcher.members
+    assert watcher.states and watcher.states[-1] == "Stable", watcher.states
+    report("stall_past_max_poll", members_seen=len(watcher.members), states=watcher.states, **stats)
 
 
 def test_worst_case_batch_is_bounded(tiny_model):
