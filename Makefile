@@ -47,3 +47,6 @@ bench: install kafka-up ## throughput/latency benchmark; prints one JSON object 
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info
+
+soak: install kafka-up ## fault tests at full size (kill -9 x5 on 50k, 10k fuzzed, rebalance, broker restart); JSON last
+	$(BIN)/python -m bench.soak
