@@ -8,6 +8,7 @@ tokenizer are wrapped in timing proxies, which also record every sub-batch shape
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -54,19 +55,17 @@ class _TimedTokenizer:
 
 def _our_worker(args: tuple) -> dict:
     """One serving process: build the Labeler like the worker does, warm up, wait, run its share."""
-    model_dir, texts, mode, barrier, threads, token_budget, absa_dir = args
+    model_dir, texts, mode, barrier, threads, absa = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from worker.decode import DecodeLimits, RecordMeta, decode_record
-    from worker.inference import Classifier
-    from worker.pipeline import Labeler
+    from worker.decode import RecordMeta, decode_record
+    from worker.pipeline import build_labeler
+    from worker.settings import WorkerSettings
 
-    if absa_dir:
-        labeler = _absa_labeler(model_dir, absa_dir, threads)
-        classifier = labeler.classifier
-    else:
-        classifier = Classifier.load(model_dir, intra_op_threads=threads,
-                                     **({"token_budget": token_budget} if token_budget else {}))
-        labeler = Labeler(classifier, DecodeLimits(100_000, 1_000_000, 4096))
+    overrides = {} if absa is None else {"absa_enabled": absa}
+    if mode.startswith("classifier"):  # model level: no aspect stage, whatever the settings say
+        overrides = {"absa_enabled": False}
+    labeler = build_labeler(WorkerSettings(model_dir=Path(model_dir), intra_op_threads=threads, **overrides))
+    classifier = labeler.classifier
     limits = labeler.limits
     payloads = [json.dumps({"id": f"b-{i}", "text": t}).encode() for i, t in enumerate(texts)]
     if mode.endswith("+dp"):  # prototype: optimal length buckets (bench/prototypes.py)
@@ -81,6 +80,20 @@ def _our_worker(args: tuple) -> dict:
     tokenizer = _TimedTokenizer(classifier.tokenizer)
     classifier.session = session
     classifier.tokenizer = tokenizer
+    aspect_seconds = [0.0]
+    if labeler.aspect_stage is not None:
+        stage = labeler.aspect_stage
+        with contextlib.suppress(Exception):
+            stage([])  # load-time work, if any, stays out of the measurement
+
+        def timed_stage(batch):
+            t = time.perf_counter()
+            try:
+                return stage(batch)
+            finally:
+                aspect_seconds[0] += time.perf_counter() - t
+
+        labeler.aspect_stage = timed_stage
     decode_s = serialize_s = 0.0
     batch_seconds: list[float] = []
     barrier.wait()
@@ -105,45 +118,30 @@ def _our_worker(args: tuple) -> dict:
     end = time.monotonic()
     cpu = time.process_time() - cpu_start
     return {"start": start, "end": end, "cpu_s": cpu, "n": len(texts), "ort_s": session.seconds,
-            "tokenize_s": tokenizer.seconds,
-            "decode_s": decode_s, "serialize_s": serialize_s, "shapes": session.shapes,
-            "batch_seconds": batch_seconds, "pid": os.getpid()}
-
-
-def _absa_labeler(model_dir: str, absa_dir: str, threads: int):
-    """The worker's own wiring (build_labeler with SENTIMENT_ABSA_MODEL_DIR), else AspectStage directly."""
-    from worker.pipeline import build_labeler
-    from worker.settings import WorkerSettings
-
-    settings = WorkerSettings(model_dir=Path(model_dir), absa_model_dir=Path(absa_dir), intra_op_threads=threads)
-    labeler = build_labeler(settings)
-    if labeler.aspect_stage is None:
-        from worker import absa
-
-        stage_cls = absa.AspectStage
-        labeler.aspect_stage = (stage_cls.load(absa_dir, intra_op_threads=threads) if hasattr(stage_cls, "load")
-                                else stage_cls(absa_dir))
-    return labeler
+            "tokenize_s": tokenizer.seconds, "aspect_s": aspect_seconds[0], "decode_s": decode_s,
+            "serialize_s": serialize_s, "shapes": session.shapes, "batch_seconds": batch_seconds,
+            "pid": os.getpid(), "absa": labeler.aspect_stage is not None}
 
 
 def run_ours(model_dir: Path, texts: Sequence[str], mode: str = "classifier", processes: int = 2,
-             threads: int = 1, token_budget: int | None = None, absa_dir: Path | None = None) -> dict:
-    """Throughput of our path over ``texts`` split across ``processes`` spawned processes."""
+             threads: int = 1, absa: bool | None = None) -> dict:
+    """Throughput of our path over ``texts`` split across ``processes`` spawned processes.
+    ``absa``: None = the worker's default setting, True/False = forced on/off (pipeline modes only)."""
     ctx = mp.get_context("spawn")
     shares = [list(texts[i::processes]) for i in range(processes)]
     with ctx.Manager() as manager:
         barrier = manager.Barrier(processes)
         with ctx.Pool(processes) as pool:
-            parts = pool.map(_our_worker, [(str(model_dir), s, mode, barrier, threads, token_budget,
-                                            str(absa_dir) if absa_dir else None) for s in shares])
+            parts = pool.map(_our_worker, [(str(model_dir), s, mode, barrier, threads, absa) for s in shares])
     wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     busy = sum(p["end"] - p["start"] for p in parts)
-    total = {k: sum(p[k] for p in parts) for k in ("ort_s", "tokenize_s", "decode_s", "serialize_s")}
+    keys = ("ort_s", "tokenize_s", "aspect_s", "decode_s", "serialize_s")
+    total = {k: sum(p[k] for p in parts) for k in keys}
     cpu = sum(p["cpu_s"] for p in parts)
     return {
-        "mode": mode, "processes": processes, "threads": threads, "n": len(texts), "wall_s": wall,
-        "msgs_per_s": len(texts) / wall, "busy_s": busy, "cpu_s": cpu, "cpu_share": cpu / busy,
-        "share": {k: v / busy for k, v in total.items()},
+        "mode": mode, "absa": all(p["absa"] for p in parts), "processes": processes, "threads": threads,
+        "n": len(texts), "wall_s": wall, "msgs_per_s": len(texts) / wall, "busy_s": busy, "cpu_s": cpu,
+        "cpu_share": cpu / busy, "share": {k: v / busy for k, v in total.items()},
         "shapes": [s for p in parts for s in p["shapes"]],
         "batch_seconds": [s for p in parts for s in p["batch_seconds"]],
     }

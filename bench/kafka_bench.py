@@ -171,15 +171,17 @@ def percentiles(values: Sequence[float]) -> dict:
 
 
 async def kafka_run(model_dir: Path, texts: Sequence[str], workers: int, log_dir: Path,
-                    latency_levels: Sequence[float], latency_seconds: float, log=print) -> dict:
+                    latency_levels: Sequence[float], latency_seconds: float, log=print, absa: bool = False) -> dict:
     """Throughput with ``workers`` processes in one group, then paced latency at fractions of it."""
     topics = Topics()
     partitions = max(2 * workers, 4)
     await create_topic(topics.requests, partitions=partitions)
-    env = {**topics.env(), "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_PARTITIONS": str(partitions)}
+    env = {**topics.env(), "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_PARTITIONS": str(partitions),
+           "SENTIMENT_ABSA_ENABLED": str(absa).lower()}
+    result_absa = absa
     procs = [WorkerProcess({**env, "SENTIMENT_WORKER_ID": f"bench-{i}"}, log_dir / f"bench-worker-{i}.log").start()
              for i in range(workers)]
-    result: dict = {"workers": workers, "partitions": partitions, "n": len(texts)}
+    result: dict = {"workers": workers, "partitions": partitions, "n": len(texts), "absa": result_absa}
     reader = OutputReader([topics.labeled, topics.dlq])
     try:
         await produce_burst(topics.requests, texts[:8], "warm")
@@ -226,13 +228,15 @@ async def kafka_run(model_dir: Path, texts: Sequence[str], workers: int, log_dir
     return result
 
 
-async def cold_start(model_dir: Path, texts: Sequence[str], log_dir: Path) -> dict:
-    """One worker started against a topic that already holds messages: seconds to the first labelled event."""
+async def cold_start(model_dir: Path, texts: Sequence[str], log_dir: Path, absa: bool = False) -> dict:
+    """One worker started against a topic that already holds messages: seconds to the first labelled event,
+    and its peak RSS once it has labelled them (with the worker's default settings, ABSA included)."""
     topics = Topics()
     await create_topic(topics.requests, partitions=1)
     await produce_burst(topics.requests, texts[:16], "cold")
     reader = OutputReader([topics.labeled])
-    env = {**topics.env(), "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_PARTITIONS": "1"}
+    env = {**topics.env(), "SENTIMENT_MODEL_DIR": str(model_dir), "SENTIMENT_PARTITIONS": "1",
+           "SENTIMENT_ABSA_ENABLED": str(absa).lower()}
     t0 = time.time()
     proc = WorkerProcess(env, log_dir / "bench-cold-worker.log").start()
     try:
@@ -241,7 +245,7 @@ async def cold_start(model_dir: Path, texts: Sequence[str], log_dir: Path) -> di
             raise RuntimeError("no output within 180 s")
         first = min(o.labeled_at for o in reader.outputs if o.labeled_at)
         await reader.wait_for(16, 60)
-        return {"cold_start_s": first - t0, "rss_mb_idle": vm_hwm_mb(proc.proc.pid)}
+        return {"cold_start_s": first - t0, "rss_mb": vm_hwm_mb(proc.proc.pid), "absa": absa}
     finally:
         await reader.stop()
         proc.terminate()

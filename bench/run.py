@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import platform
@@ -31,7 +30,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "sentiment-en"
-DEFAULT_ABSA = REPO / "models" / "absa-en"
 
 TARGETS = {"speedup_vs_seed_path": 8.0, "int8_peak_fraction": 0.5, "kafka_vs_inprocess": 0.85, "rss_mb": 400.0}
 
@@ -78,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="repeats of our path around the seed runs")
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="paced load per latency level")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="Kafka worker processes")
-    parser.add_argument("--absa-model", type=Path, default=DEFAULT_ABSA)
     parser.add_argument("--skip-kafka", action="store_true")
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -114,16 +111,38 @@ def main(argv: list[str] | None = None) -> int:
                           "sources": {s: sources.count(s) for s in sorted(set(sources))}}
 
     # ---------------------------------------------------------------- rows 1 + 2: in-process and peak
+    from worker.settings import WorkerSettings
+
+    absa_default = WorkerSettings().absa_enabled
     peaks = []
     log("INT8 GEMM peak (ORT MatMulInteger)")
     peaks.append(machine_peak())
-    log(f"our path, full pipeline (decode + Labeler + serialize), {len(texts)} texts, 2 processes × 1 thread")
-    full = run_ours(model_dir, texts, "pipeline")
+    log(f"our path, classify only (decode + Labeler + JSON), {len(texts)} texts, 2 processes × 1 thread")
+    full = run_ours(model_dir, texts, "pipeline", absa=False)
     log(f"  {full['msgs_per_s']:.1f} msgs/s")
     log("prototype: the same run with optimal length buckets (bench/prototypes.py)")
-    full_dp = run_ours(model_dir, texts, "pipeline+dp")
+    full_dp = run_ours(model_dir, texts, "pipeline+dp", absa=False)
     log(f"  {full_dp['msgs_per_s']:.1f} msgs/s")
     peaks.append(machine_peak())
+    default = full
+    results["absa"] = {"overhead": None, "enabled_by_default": absa_default}
+    if not absa_default:
+        results["absa"]["reason"] = "ABSA is switched off in the worker's defaults (SENTIMENT_ABSA_ENABLED)"
+    elif not (WorkerSettings().absa_model_dir / "manifest.json").exists():
+        results["absa"]["reason"] = f"no ABSA package at {WorkerSettings().absa_model_dir}"
+    else:
+        try:
+            log("our path with the worker's defaults (classify + ABSA)")
+            default = run_ours(model_dir, texts, "pipeline", absa=None)
+            log(f"  {default['msgs_per_s']:.1f} msgs/s")
+            results["absa"].update({
+                "overhead": full["msgs_per_s"] / default["msgs_per_s"], "classify_msgs_per_s": full["msgs_per_s"],
+                "absa_msgs_per_s": default["msgs_per_s"], "aspect_stage_share": default["share"]["aspect_s"],
+                "reason": "classify-only throughput / classify+ABSA throughput, same texts and processes "
+                          "(1.0 = free)"})
+        except Exception as exc:
+            results["absa"]["reason"] = f"the ABSA stage failed to run: {exc!r}"
+            default = full
     peak = max(p["peak_gops"] for p in peaks)
     peak_cpu = max(p["gops_per_cpu_second"] for p in peaks)
     profile = model_gemm_profile(model_dir / "model.onnx")
@@ -131,13 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     achieved = ops / full["wall_s"] / 1e9
     ort_busy = full["share"]["ort_s"] * full["busy_s"] / full["processes"]
     results["inprocess"] = {k: v for k, v in full.items() if k not in ("shapes", "batch_seconds")}
-    results["inprocess"]["batch_ms"] = summary_stats([s * 1000 for s in full["batch_seconds"]])
-    del results["inprocess"]["batch_ms"]["runs"]
+    results["inprocess_default"] = {k: v for k, v in default.items() if k not in ("shapes", "batch_seconds")}
+    for key, run_ in (("inprocess", full), ("inprocess_default", default)):
+        ms = [x * 1000 for x in run_["batch_seconds"]]
+        results[key]["batch_ms"] = {"median": statistics.median(ms), "min": min(ms), "max": max(ms),
+                                    "p95": sorted(ms)[int(0.95 * (len(ms) - 1))]}
     ops_dp = ops_for_shapes(profile, full_dp["shapes"])
     results["prototype_dp_buckets"] = {
         "msgs_per_s": full_dp["msgs_per_s"], "speedup": full_dp["msgs_per_s"] / full["msgs_per_s"],
         "padded_tokens": sum(r * n for r, n in full_dp["shapes"]), "session_calls": len(full_dp["shapes"]),
-        "gemm_gop": ops_dp / 1e9, "cpu_share": full_dp["cpu_share"],
+        "gemm_gop": ops_dp / 1e9, "cpu_share": full_dp["cpu_share"], "achieved_gops": ops_dp / full_dp["wall_s"] / 1e9,
         "share": full_dp["share"], "batch_ms_median": statistics.median(full_dp["batch_seconds"]) * 1000}
     results["peak"] = {"measurements": peaks, "peak_gops": peak, "peak_gops_per_cpu_second": peak_cpu,
                        "achieved_gops_per_cpu_second": ops / full["cpu_s"] / 1e9, "model": profile,
@@ -146,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                        "padded_tokens": sum(r * n for r, n in full["shapes"]), "real_tokens_truncated":
                        sum(min(n, 64) for n in lengths), "session_calls": len(full["shapes"])}
     log(f"  achieved {achieved:.1f} GOP/s of peak {peak:.1f} ({achieved / peak:.1%})")
+    results["worst_case_batch"] = worst_case_batch(model_dir)
 
     ours_cls: list[float] = []
     ours_pipe: list[float] = []
@@ -153,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_plan = [("distilbert-base", 512), ("distilbert-base", 64), ("minilm-l6", 64)]
     for round_no in range(args.rounds):
         ours_cls.append(run_ours(model_dir, sub, "classifier")["msgs_per_s"])
-        ours_pipe.append(run_ours(model_dir, sub, "pipeline")["msgs_per_s"])
+        ours_pipe.append(run_ours(model_dir, sub, "pipeline", absa=False)["msgs_per_s"])
         log(f"our path on the {len(sub)}-text subsample, round {round_no + 1}: {ours_cls[-1]:.1f} (classifier) "
             f"{ours_pipe[-1]:.1f} (pipeline) msgs/s")
         if round_no < len(seed_plan) and not args.skip_seed:
@@ -180,9 +203,6 @@ def main(argv: list[str] | None = None) -> int:
                 for name, r in seed.items()}
     results["speedups"] = speedups
 
-    # --------------------------------------------------------------------------------- row 5: ABSA
-    results["absa"] = absa_row(model_dir, args.absa_model, sub, run_ours)
-
     # ------------------------------------------------------------------------- rows 3, 4, 6: Kafka
     if not args.skip_kafka:
         from bench.kafka_bench import cold_start, kafka_run
@@ -190,13 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
         try:
             results["kafka"] = asyncio.run(kafka_run(model_dir, texts, args.workers, log_dir, (0.25, 0.5, 0.75),
-                                                     args.latency_seconds, log=log))
+                                                     args.latency_seconds, log=log, absa=False))
         except Exception as exc:
             results["errors"]["kafka"] = f"{exc!r} (worker logs in {log_dir})"
             traceback.print_exc(file=sys.stderr)
         try:
             log("cold start: one worker, messages waiting")
-            results["cold_start"] = asyncio.run(cold_start(model_dir, texts, log_dir))
+            results["cold_start"] = asyncio.run(cold_start(model_dir, texts, log_dir,
+                                                           absa=results["inprocess_default"]["absa"]))
         except Exception as exc:
             results["errors"]["cold_start"] = f"{exc!r} (worker logs in {log_dir})"
     results["load_average_end"] = load_average()
@@ -213,18 +234,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def absa_row(model_dir: Path, absa_dir: Path, texts: list[str], run_ours) -> dict:
-    if importlib.util.find_spec("worker.absa") is None:
-        return {"overhead": None, "reason": "worker/absa.py (AspectStage) does not exist yet"}
-    if not (absa_dir / "manifest.json").exists():
-        return {"overhead": None, "reason": f"no ABSA package at {absa_dir}"}
-    try:
-        classify = run_ours(model_dir, texts, "pipeline")["msgs_per_s"]
-        with_absa = run_ours(model_dir, texts, "pipeline", absa_dir=absa_dir)["msgs_per_s"]
-        return {"overhead": classify / with_absa, "classify_msgs_per_s": classify, "absa_msgs_per_s": with_absa,
-                "reason": "ratio of classify-only to classify+ABSA throughput on the same texts (1.0 = free)"}
-    except Exception as exc:
-        return {"overhead": None, "reason": f"ABSA stage failed to run: {exc!r}"}
+def worst_case_batch(model_dir: Path) -> dict:
+    """Seconds for the largest batch the defaults allow: 64 texts of 100,000 characters (classify only,
+    1 thread, the worker's own Labeler), compared with the default max.poll.interval."""
+    from datetime import UTC, datetime
+
+    from worker.decode import RecordMeta, decode_record
+    from worker.pipeline import build_labeler
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings(model_dir=model_dir, intra_op_threads=1, absa_enabled=False)
+    labeler = build_labeler(settings)
+    words = ("great ", "awful ", "delivery ", "unbelievably ", "ü ")
+    text = ("".join(words[j % len(words)] for j in range(25_000)))[: settings.max_text_chars]
+    batch = [decode_record(json.dumps({"id": f"w{i}", "text": text}).encode(), RecordMeta("w", 0, i, None),
+                           labeler.limits, datetime.now(UTC)) for i in range(settings.batch_size)]
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        labeler.label(batch)
+        times.append(time.perf_counter() - start)
+    return {"batch_size": settings.batch_size, "text_chars": len(text), "seconds": summary_stats(times),
+            "max_poll_interval_s": settings.max_poll_interval_s,
+            "headroom": settings.max_poll_interval_s / max(times)}
 
 
 def build_summary(r: dict) -> dict:
@@ -237,7 +269,7 @@ def build_summary(r: dict) -> dict:
     from worker.settings import WorkerSettings
 
     batch_wait = WorkerSettings().batch_max_wait_ms
-    rss = [x for x in kafka.get("rss_mb", []) if x is not None]
+    rss = [x for x in [*kafka.get("rss_mb", []), r.get("cold_start", {}).get("rss_mb")] if x is not None]
     summary = {
         "model": r["model_dir"], "fallback_model": r["model_note"].startswith("FALLBACK"),
         "speedup_vs_seed_path": seed.get("classifier"),
@@ -249,6 +281,9 @@ def build_summary(r: dict) -> dict:
         "cpu_share_obtained": r["inprocess"]["cpu_share"],
         "prototype_dp_buckets_speedup": r["prototype_dp_buckets"]["speedup"],
         "inprocess_msgs_per_s": inproc,
+        "inprocess_default_settings_msgs_per_s": r["inprocess_default"]["msgs_per_s"],
+        "absa_in_default_settings": r["inprocess_default"]["absa"],
+        "worst_case_batch_s": r["worst_case_batch"]["seconds"]["max"],
         "kafka_msgs_per_s": kafka_rate,
         "kafka_vs_inprocess": kafka_rate / inproc if kafka_rate else None,
         "p50_ms_at_50pct_load": lat50.get("p50"), "p95_ms_at_50pct_load": lat50.get("p95"),
