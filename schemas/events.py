@@ -180,6 +180,9 @@ class WindowStats(_Event):
     uncertain_count: int
     sum_confidence: float = Field(description="Sum of calibrated max-probabilities: the CBPE numerator.")
     text_length_quantiles: dict[str, float] = Field(description="p10/p50/p90 of text length in characters.")
+    truncated_count: int = Field(
+        default=0, description="Texts longer than the model's max_length, cut before inference (the drift "
+                               "monitor's accuracy estimate discounts them).")
 
 
 class DriftWindow(BaseModel):

@@ -280,11 +280,11 @@ def test_estimator_parameters_come_from_config_then_manifest_then_defaults() -> 
     from worker.drift import DEFAULT_ATC_WEIGHT, DEFAULT_SHIFT_SLOPE, estimator_parameters
 
     man = manifest()
-    assert estimator_parameters(man, DetectorConfig()) == (DEFAULT_ATC_WEIGHT, DEFAULT_SHIFT_SLOPE)
+    assert estimator_parameters(man, DetectorConfig())[:2] == (DEFAULT_ATC_WEIGHT, DEFAULT_SHIFT_SLOPE)
     extra = {"drift_estimator": {"atc_weight": 0.2, "shift_slope": 1.4}}
     tuned = ModelManifest.model_validate({**man.model_dump(), **extra})
-    assert estimator_parameters(tuned, DetectorConfig()) == (0.2, 1.4)
-    assert estimator_parameters(tuned, DetectorConfig(atc_weight=1.0, shift_slope=1.0)) == (1.0, 1.0)
+    assert estimator_parameters(tuned, DetectorConfig())[:2] == (0.2, 1.4)
+    assert estimator_parameters(tuned, DetectorConfig(atc_weight=1.0, shift_slope=1.0))[:2] == (1.0, 1.0)
     # A steeper slope moves a drop further down, and leaves the reference itself where it was.
     steep_manifest = ModelManifest.model_validate({**man.model_dump(), "drift_estimator": {"shift_slope": 1.4}})
     steep = DriftDetector(steep_manifest, FAST)
@@ -292,3 +292,19 @@ def test_estimator_parameters_come_from_config_then_manifest_then_defaults() -> 
     plain = DriftDetector(man, FAST)
     steep_estimate = steep.evaluate(shifted_stats)[1]["estimated_accuracy"]
     assert steep_estimate < plain.evaluate(shifted_stats)[1]["estimated_accuracy"]
+
+
+def test_truncated_texts_are_counted_merged_and_lower_the_estimate() -> None:
+    rng = np.random.default_rng(8)
+    pred, conf = in_domain(rng, 300)
+    acc = WindowAccumulator(MODEL, LABELS, window_count=300)
+    cut = np.arange(300) < 120
+    (stats,) = acc.add_batch(pred, conf, conf < THRESHOLD, np.full(300, 900), now=0.0, truncated=cut)
+    assert stats.truncated_count == 120
+    assert merge_window_stats([stats, stats]).truncated_count == 240
+    plain = stats.model_copy(update={"truncated_count": 0})
+    extra = {"drift_estimator": {"truncation_penalty": 0.1}}
+    det = DriftDetector(ModelManifest.model_validate({**manifest().model_dump(), **extra}), FAST)
+    with_cut = det.evaluate(stats)[1]["estimated_accuracy"]
+    without = det.evaluate(plain)[1]["estimated_accuracy"]
+    assert with_cut == pytest.approx(without - 0.1 * 120 / 300)

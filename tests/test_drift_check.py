@@ -86,6 +86,7 @@ def test_parse_line_and_labels() -> None:
 @dataclass
 class _Predictions:
     probabilities: np.ndarray
+    truncated: np.ndarray
 
 
 class StubClassifier:
@@ -104,7 +105,7 @@ class StubClassifier:
         conf = np.where(out, 0.5 + 0.5 * self.rng.beta(2, 2, n), 0.5 + 0.5 * self.rng.beta(6, 1, n))
         pos = np.where(out, self.rng.random(n) < 0.8, self.rng.random(n) < 0.5)
         p_pos = np.where(pos, conf, 1 - conf)
-        return _Predictions(np.stack([1 - p_pos, p_pos], axis=1))
+        return _Predictions(np.stack([1 - p_pos, p_pos], axis=1), np.zeros(n, dtype=bool))
 
 
 def stub_manifest() -> ModelManifest:

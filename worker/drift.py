@@ -52,6 +52,7 @@ SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
 # Label-free accuracy estimate (see AccuracyEstimator): fitted for models/sentiment-en, worker/DRIFT.md.
 DEFAULT_ATC_WEIGHT = 0.5
 DEFAULT_SHIFT_SLOPE = 1.0
+DEFAULT_TRUNCATION_PENALTY = 0.0
 SMOOTHING = 0.5  # pseudo-count per bin: keeps PSI / JS finite when a bin is empty on one side
 
 
@@ -222,8 +223,11 @@ class AccuracyEstimator:
         whose confidence exceeds t*, where t* is set on the reference so that this fraction equals the
         measured reference accuracy. The histogram is interpolated linearly inside a bin.
       * ``"blend"``: ``atc_weight`` × atc + (1 − atc_weight) × cbpe, then the drop below the reference
-        is scaled by ``shift_slope`` (measured: under domain shift accuracy falls faster than confidence;
-        see worker/DRIFT.md). ``shift_slope = 1`` and ``atc_weight = 0`` is plain offset CBPE.
+        is scaled by ``shift_slope`` (measured: under domain shift accuracy falls faster than confidence),
+        and ``truncation_penalty`` × (fraction of the window cut to max_length) is subtracted (measured:
+        a text cut before inference is classified from its beginning only, and the model is as confident
+        about that beginning as about a whole sentence). See worker/DRIFT.md. ``shift_slope = 1``,
+        ``atc_weight = 0`` and no penalty is plain offset CBPE.
     The estimate is linear in the histogram, so it vectorises over bootstrap replicates.
     """
 
@@ -231,19 +235,24 @@ class AccuracyEstimator:
     expected_accuracy: float
     mean_confidence: float
     atc_weights: np.ndarray  # (bins,) per fine bin: fraction of the bin above t*
-    atc_weight: float = 0.5
-    shift_slope: float = 1.0
+    atc_weight: float = DEFAULT_ATC_WEIGHT
+    shift_slope: float = DEFAULT_SHIFT_SLOPE
+    truncation_penalty: float = DEFAULT_TRUNCATION_PENALTY
 
     @classmethod
     def for_reference(cls, ref: Reference, method: Literal["cbpe", "atc", "blend"] = "blend",
-                      atc_weight: float = 0.5, shift_slope: float = 1.0) -> AccuracyEstimator:
+                      atc_weight: float = DEFAULT_ATC_WEIGHT, shift_slope: float = DEFAULT_SHIFT_SLOPE,
+                      truncation_penalty: float = DEFAULT_TRUNCATION_PENALTY) -> AccuracyEstimator:
         pooled = ref.hist.sum(axis=0)
         t_star = _atc_threshold(pooled, ref.edges, ref.expected_accuracy)
         return cls(method=method, expected_accuracy=ref.expected_accuracy, mean_confidence=ref.mean_confidence,
-                   atc_weights=_fraction_above(ref.edges, t_star), atc_weight=atc_weight, shift_slope=shift_slope)
+                   atc_weights=_fraction_above(ref.edges, t_star), atc_weight=atc_weight, shift_slope=shift_slope,
+                   truncation_penalty=truncation_penalty)
 
-    def estimate(self, pooled_hist: np.ndarray, sum_conf: np.ndarray, n: np.ndarray) -> np.ndarray:
-        """Accuracy estimate per row; ``pooled_hist`` is (..., bins) counts over all labels."""
+    def estimate(self, pooled_hist: np.ndarray, sum_conf: np.ndarray, n: np.ndarray,
+                 truncated: np.ndarray | float = 0.0) -> np.ndarray:
+        """Accuracy estimate per row; ``pooled_hist`` is (..., bins) counts over all labels, ``truncated``
+        the count of texts cut to max_length (the reference split is assumed to have none)."""
         n = np.maximum(np.asarray(n, dtype=np.float64), 1.0)
         cbpe = np.asarray(sum_conf, dtype=np.float64) / n + (self.expected_accuracy - self.mean_confidence)
         atc = (np.asarray(pooled_hist, dtype=np.float64) @ self.atc_weights) / n
@@ -253,8 +262,9 @@ class AccuracyEstimator:
             raw = atc
         else:
             raw = self.atc_weight * atc + (1 - self.atc_weight) * cbpe
-        if self.method == "blend" and self.shift_slope != 1.0:
+        if self.method == "blend":
             raw = self.expected_accuracy - self.shift_slope * (self.expected_accuracy - raw)
+            raw = raw - self.truncation_penalty * np.asarray(truncated, dtype=np.float64) / n
         return np.clip(raw, 0.0, 1.0)
 
 
@@ -287,12 +297,14 @@ class WindowSummary:
     uncertain: np.ndarray  # (...,)
     sum_conf: np.ndarray  # (...,)
     n: np.ndarray  # (...,)
+    truncated: np.ndarray | float = 0.0  # (...,) texts cut to max_length
 
     @classmethod
     def from_stats(cls, stats: WindowStats, labels: Sequence[str]) -> WindowSummary:
         hist = np.array([stats.confidence_hist[label] for label in labels], dtype=np.float64)
         return cls(hist=hist, uncertain=np.asarray(float(stats.uncertain_count)),
-                   sum_conf=np.asarray(stats.sum_confidence), n=np.asarray(float(stats.n)))
+                   sum_conf=np.asarray(stats.sum_confidence), n=np.asarray(float(stats.n)),
+                   truncated=np.asarray(float(stats.truncated_count)))
 
     @classmethod
     def from_cells(cls, ref: Reference, cell_counts: np.ndarray) -> WindowSummary:
@@ -321,8 +333,9 @@ def statistics(window: WindowSummary, base: WindowSummary, ref: Reference,
         "psi_confidence": psi(base.coarse(ref.groups), window.coarse(ref.groups)),
         "label_mix_js": js_divergence(base.hist.sum(axis=-1), window.hist.sum(axis=-1)),
         "uncertain_rate": window.uncertain / n - base.uncertain / base_n,
-        "estimated_accuracy": (estimator.estimate(base.hist.sum(axis=-2), base.sum_conf, base.n)
-                               - estimator.estimate(window.hist.sum(axis=-2), window.sum_conf, window.n)),
+        "estimated_accuracy": (estimator.estimate(base.hist.sum(axis=-2), base.sum_conf, base.n, base.truncated)
+                               - estimator.estimate(window.hist.sum(axis=-2), window.sum_conf, window.n,
+                                                    window.truncated)),
     }
 
 
@@ -455,19 +468,26 @@ class DetectorConfig:
     # None: the manifest's ``drift_estimator`` entry when it has one, else the module defaults.
     atc_weight: float | None = None
     shift_slope: float | None = None
+    truncation_penalty: float | None = None
 
 
-def estimator_parameters(manifest: ModelManifest, cfg: DetectorConfig) -> tuple[float, float]:
-    """(atc_weight, shift_slope): the config's, else the manifest's ``drift_estimator``, else the defaults.
+def estimator_parameters(manifest: ModelManifest, cfg: DetectorConfig) -> tuple[float, float, float]:
+    """(atc_weight, shift_slope, truncation_penalty): per parameter the config's, else the manifest's
+    ``drift_estimator`` entry, else the module default.
 
-    A package may carry ``"drift_estimator": {"atc_weight": w, "shift_slope": k}`` (fitted on labelled
-    shifted data for that model); the defaults were fitted for models/sentiment-en (worker/DRIFT.md).
+    A package may carry ``"drift_estimator": {"atc_weight": w, "shift_slope": k, "truncation_penalty": c}``
+    (fitted on labelled shifted data for that model); the defaults were fitted for models/sentiment-en
+    (worker/DRIFT.md).
     """
     extra = (manifest.model_extra or {}).get("drift_estimator")
     extra = extra if isinstance(extra, dict) else {}
-    weight = cfg.atc_weight if cfg.atc_weight is not None else float(extra.get("atc_weight", DEFAULT_ATC_WEIGHT))
-    slope = cfg.shift_slope if cfg.shift_slope is not None else float(extra.get("shift_slope", DEFAULT_SHIFT_SLOPE))
-    return weight, slope
+
+    def pick(configured: float | None, name: str, default: float) -> float:
+        return configured if configured is not None else float(extra.get(name, default))
+
+    return (pick(cfg.atc_weight, "atc_weight", DEFAULT_ATC_WEIGHT),
+            pick(cfg.shift_slope, "shift_slope", DEFAULT_SHIFT_SLOPE),
+            pick(cfg.truncation_penalty, "truncation_penalty", DEFAULT_TRUNCATION_PENALTY))
 
 
 @dataclass
@@ -487,6 +507,7 @@ class WindowResult:
     suppressed: bool = False  # an episode began inside the cooldown: no alert raised
     expected_accuracy: float = 0.0
     mean_confidence: float = 0.0
+    truncated_rate: float = 0.0
 
     @property
     def alert(self) -> bool:
@@ -509,8 +530,8 @@ class DriftDetector:
         cfg = self.config
         self.manifest = manifest
         self.reference = Reference.from_manifest(manifest, cfg.threshold, cfg.max_psi_bins)
-        atc_weight, shift_slope = estimator_parameters(manifest, cfg)
-        self.estimator = AccuracyEstimator.for_reference(self.reference, cfg.estimator, atc_weight, shift_slope)
+        self.estimator = AccuracyEstimator.for_reference(self.reference, cfg.estimator,
+                                                         *estimator_parameters(manifest, cfg))
         self.calibrator = ThresholdCalibrator(
             self.reference, self.estimator, cfg.false_alarm_rate, cfg.warn_rate, cfg.clear_quantile,
             cfg.replicates, cfg.seed,
@@ -536,7 +557,7 @@ class DriftDetector:
         window = WindowSummary.from_stats(stats, self.reference.labels)
         stat = {m: float(v) for m, v in statistics(window, self._base, self.reference, self.estimator).items()}
         n = max(stats.n, 1)
-        est = float(self.estimator.estimate(window.hist.sum(axis=0), window.sum_conf, window.n))
+        est = float(self.estimator.estimate(window.hist.sum(axis=0), window.sum_conf, window.n, window.truncated))
         values = {
             "psi_confidence": stat["psi_confidence"], "label_mix_js": stat["label_mix_js"],
             "uncertain_rate": stats.uncertain_count / n, "estimated_accuracy": est,
@@ -574,6 +595,7 @@ class DriftDetector:
             index=self._index, n=stats.n, values=values, limits=self.limits(th), statistics=stat, thresholds=th,
             exceeded=[m for m in METRICS if stat[m] > th.fire[m]], in_alarm=in_alarm, severity=severity,
             expected_accuracy=self.reference.expected_accuracy, mean_confidence=mean_conf,
+            truncated_rate=stats.truncated_count / max(stats.n, 1),
         )
         self._raise_alerts(result, stats, entered)
         self._index += 1

@@ -112,6 +112,7 @@ def window_line(result: WindowResult, window: int, start: int, size: int, label_
         "estimated_accuracy": _round(v["estimated_accuracy"]),
         "estimated_accuracy_threshold": _round(lim["estimated_accuracy"]),
         "expected_accuracy": _round(result.expected_accuracy), "mean_confidence": _round(result.mean_confidence),
+        "truncated_rate": _round(result.truncated_rate),
         "label_mix": {k: _round(x) for k, x in label_mix.items()},
         "alert": bool(result.alerts), "alerts": [a.metric for a in result.alerts],
         "drift": result.alert, "in_alarm": list(result.in_alarm), "exceeded": list(result.exceeded),
@@ -137,12 +138,15 @@ def run(classifier: Classifier, detector: DriftDetector, records: Iterable[Recor
         texts = [r.text for r in chunk]
         pred = np.empty(len(chunk), dtype=np.int64)
         conf = np.empty(len(chunk), dtype=np.float64)
+        cut = np.zeros(len(chunk), dtype=bool)
         for lo in range(0, len(texts), batch_size):
-            probs = classifier.predict(texts[lo:lo + batch_size]).probabilities
+            predictions = classifier.predict(texts[lo:lo + batch_size])
+            probs = predictions.probabilities
             pred[lo:lo + len(probs)] = probs.argmax(axis=1)
             conf[lo:lo + len(probs)] = probs.max(axis=1)
+            cut[lo:lo + len(probs)] = predictions.truncated
         lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-        closed = accumulator.add_batch(pred, conf, conf < threshold, lengths)
+        closed = accumulator.add_batch(pred, conf, conf < threshold, lengths, truncated=cut)
         stats = closed[0] if closed else accumulator.flush()
         if stats is None:  # unreachable: a non-empty chunk always closes or flushes a window
             raise RuntimeError("empty window")

@@ -80,6 +80,7 @@ class WindowAccumulator:
         k, bins = len(self.labels), len(self.edges) - 1
         self._hist = np.zeros(k * bins, dtype=np.int64)
         self._uncertain = 0
+        self._truncated = 0
         self._sum_conf = 0.0
         self._lengths: list[np.ndarray] = []
         self._n = 0
@@ -87,13 +88,18 @@ class WindowAccumulator:
 
     def add_batch(self, pred_idx: Sequence[int] | np.ndarray, confidences: Sequence[float] | np.ndarray,
                   uncertain: Sequence[bool] | np.ndarray, text_lengths: Sequence[int] | np.ndarray,
-                  now: float | None = None) -> list[WindowStats]:
-        """Adds one batch; returns the windows it completed by count (in order)."""
+                  now: float | None = None, truncated: Sequence[bool] | np.ndarray | None = None,
+                  ) -> list[WindowStats]:
+        """Adds one batch; returns the windows it completed by count (in order).
+
+        ``truncated`` (optional): per text, whether it was cut to the model's max_length before inference.
+        """
         pred = np.asarray(pred_idx, dtype=np.int64)
         conf = np.asarray(confidences, dtype=np.float64)
         unc = np.asarray(uncertain, dtype=bool)
         lengths = np.asarray(text_lengths, dtype=np.int64)
-        if not (len(pred) == len(conf) == len(unc) == len(lengths)):
+        cut = np.zeros(len(pred), dtype=bool) if truncated is None else np.asarray(truncated, dtype=bool)
+        if not (len(pred) == len(conf) == len(unc) == len(lengths) == len(cut)):
             raise ValueError("add_batch: arrays must have equal length")
         if len(pred) and (pred.min() < 0 or pred.max() >= len(self.labels)):
             raise ValueError("add_batch: predicted label index out of range")
@@ -104,18 +110,20 @@ class WindowAccumulator:
             if self._start is None:
                 self._start = now
             take = min(self.window_count - self._n, len(pred) - start)
-            self._add(pred[start:start + take], conf[start:start + take], unc[start:start + take],
-                      lengths[start:start + take])
+            part = slice(start, start + take)
+            self._add(pred[part], conf[part], unc[part], lengths[part], cut[part])
             start += take
             if self._n >= self.window_count:
                 closed.append(self._emit(now))
         return closed
 
-    def _add(self, pred: np.ndarray, conf: np.ndarray, unc: np.ndarray, lengths: np.ndarray) -> None:
+    def _add(self, pred: np.ndarray, conf: np.ndarray, unc: np.ndarray, lengths: np.ndarray,
+             cut: np.ndarray) -> None:
         bins = len(self.edges) - 1
         flat = pred * bins + confidence_bins(conf, self.edges)
         self._hist += np.bincount(flat, minlength=len(self._hist))
         self._uncertain += int(unc.sum())
+        self._truncated += int(cut.sum())
         self._sum_conf += float(conf.sum())
         self._lengths.append(lengths)
         self._n += len(pred)
@@ -156,7 +164,7 @@ class WindowAccumulator:
             confidence_hist={label: [int(c) for c in hist[i]] for i, label in enumerate(self.labels)},
             label_counts={label: int(hist[i].sum()) for i, label in enumerate(self.labels)},
             uncertain_count=self._uncertain, sum_confidence=self._sum_conf,
-            text_length_quantiles=length_quantiles(lengths),
+            text_length_quantiles=length_quantiles(lengths), truncated_count=self._truncated,
         )
         self._reset(None)
         return stats
@@ -204,4 +212,5 @@ def merge_window_stats(stats: Sequence[WindowStats], worker_id: str = "merged") 
         label_counts={label: sum(s.label_counts.get(label, 0) for s in stats) for label in labels},
         uncertain_count=sum(s.uncertain_count for s in stats),
         sum_confidence=float(sum(s.sum_confidence for s in stats)), text_length_quantiles=quantiles,
+        truncated_count=sum(s.truncated_count for s in stats),
     )
