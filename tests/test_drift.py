@@ -110,7 +110,9 @@ def test_accuracy_estimate_reproduces_reference_accuracy(method: str) -> None:
     assert float(value) == pytest.approx(man.reference.expected_accuracy, abs=2e-3)  # type: ignore[union-attr]
 
 
-def test_thresholds_shrink_with_window_size(detector: DriftDetector) -> None:
+def test_thresholds_shrink_with_window_size() -> None:
+    no_floors = DetectorConfig(replicates=4000, min_psi=0, min_js=0, min_uncertain_excess=0, min_accuracy_drop=0)
+    detector = DriftDetector(manifest(), no_floors)
     small, mid, large = (detector.calibrator.thresholds(n) for n in (50, 200, 1000))
     for metric in ("psi_confidence", "label_mix_js", "estimated_accuracy"):
         assert small.fire[metric] > mid.fire[metric] > large.fire[metric]
@@ -285,8 +287,8 @@ def test_estimator_parameters_come_from_config_then_manifest_then_defaults() -> 
     tuned = ModelManifest.model_validate({**man.model_dump(), **extra})
     assert estimator_parameters(tuned, DetectorConfig())[:2] == (0.2, 1.4)
     assert estimator_parameters(tuned, DetectorConfig(atc_weight=1.0, shift_slope=1.0))[:2] == (1.0, 1.0)
-    # A steeper slope moves a drop further down, and leaves the reference itself where it was.
-    steep_manifest = ModelManifest.model_validate({**man.model_dump(), "drift_estimator": {"shift_slope": 1.4}})
+    # A steeper slope (than the default) moves a drop further down, and leaves the reference itself where it was.
+    steep_manifest = ModelManifest.model_validate({**man.model_dump(), "drift_estimator": {"shift_slope": 2.5}})
     steep = DriftDetector(steep_manifest, FAST)
     shifted_stats = window(*shifted(np.random.default_rng(0), 500))
     plain = DriftDetector(man, FAST)

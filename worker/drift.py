@@ -50,9 +50,9 @@ Severity = Literal["info", "warning", "critical"]
 METRICS: tuple[MetricName, ...] = ("psi_confidence", "label_mix_js", "uncertain_rate", "estimated_accuracy")
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
 # Label-free accuracy estimate (see AccuracyEstimator): fitted for models/sentiment-en, worker/DRIFT.md.
-DEFAULT_ATC_WEIGHT = 0.5
-DEFAULT_SHIFT_SLOPE = 1.0
-DEFAULT_TRUNCATION_PENALTY = 0.0
+DEFAULT_ATC_WEIGHT = 0.0
+DEFAULT_SHIFT_SLOPE = 1.5
+DEFAULT_TRUNCATION_PENALTY = 0.06
 SMOOTHING = 0.5  # pseudo-count per bin: keeps PSI / JS finite when a bin is empty on one side
 
 
