@@ -128,6 +128,14 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _payload(i: int, text: str, prefix: str) -> bytes:
     return json.dumps({"id": f"{prefix}-{i}", "text": text}).encode()
 
@@ -193,15 +201,18 @@ async def kafka_run(model_dir: Path, texts: Sequence[str], workers: int, log_dir
         await asyncio.sleep(2.0)
         base = len(reader.outputs)
         log(f"kafka: {workers} workers ready; producing {len(texts)} messages")
+        cpu_before = sum(cpu_seconds(p.proc.pid) for p in procs)
         await produce_burst(topics.requests, texts, "tp")
         if not await reader.wait_for(base + len(texts), 900):
             raise RuntimeError(f"only {len(reader.outputs) - base} of {len(texts)} outputs arrived")
+        worker_cpu = sum(cpu_seconds(p.proc.pid) for p in procs) - cpu_before
         burst = [o for o in reader.outputs[base:] if o.id.startswith("tp-")]
         labeled = [o for o in burst if o.labeled_at is not None]
         first_in = min(o.input_ts for o in labeled)
         last_out = max(o.labeled_at for o in labeled)
         result["throughput"] = {"msgs_per_s": len(burst) / (last_out - first_in), "seconds": last_out - first_in,
-                                "outputs": len(burst), "unique_ids": len({o.id for o in burst})}
+                                "outputs": len(burst), "unique_ids": len({o.id for o in burst}),
+                                "worker_cpu_s": worker_cpu, "msgs_per_worker_cpu_s": len(burst) / worker_cpu}
         capacity = result["throughput"]["msgs_per_s"]
         log(f"kafka: capacity {capacity:.1f} msgs/s")
         result["latency"] = {}
