@@ -27,25 +27,27 @@ from bench.run import resolve_model
 from tests.kafka_helpers import Topics, WorkerProcess, create_topic
 
 FRAMES = {  # label → (function name or "", a piece of the file path) of a frame in the collapsed stack
-    "Labeler.label (inference thread, all)": ("label", "worker/pipeline.py"),
+    "Labeler.label (inference thread, all)": ("label", "pipeline.py"),
     "ORT session.run": ("run", "onnxruntime_inference_collection.py"),
-    "Classifier._feed (padding in Python)": ("_feed", "worker/inference.py"),
-    "Labeler._build (events)": ("_build", "worker/pipeline.py"),
-    "decode (StreamWorker._decode)": ("_decode", "worker/app.py"),
-    "_deliver (serialise + producer sends)": ("_deliver", "worker/app.py"),
+    "Classifier.predict (tokenize + ORT + softmax)": ("predict", "inference.py"),
+    "Classifier._feed (padding in Python)": ("_feed", "inference.py"),
+    "Labeler._build (LabeledEvent objects)": ("_build", "pipeline.py"),
+    "StreamWorker.process_batch (event loop, all)": ("process_batch", "app.py"),
+    "StreamWorker._decode": ("_decode", "app.py"),
+    "StreamWorker._deliver (serialise + sends + acks)": ("_deliver", "app.py"),
     "to_json_bytes": ("to_json_bytes", ""),
-    "metrics observe": ("_observe", "worker/app.py"),
+    "StreamWorker._observe (metrics)": ("_observe", "app.py"),
     "window stats": ("add_batch", "window_stats.py"),
-    "faust (any frame)": ("", "/faust/"),
-    "aiokafka (any frame)": ("", "/aiokafka/"),
-    "asyncio event loop": ("_run_once", "asyncio/base_events.py"),
+    "faust (any frame)": ("", "faust/"),
+    "aiokafka (any frame)": ("", "aiokafka/"),
 }
 
 
 def _has(stack: str, func: str, path: str) -> bool:
     for frame in stack.split(";"):
         name, _, where = frame.partition(" (")
-        if (not func or name.strip() == func) and path in where:
+        name = name.strip().rpartition(".")[2]
+        if (not func or name == func) and path in where:
             return True
     return False
 
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--texts", type=int, default=4000)
+    parser.add_argument("--keep", type=Path, default=None, help="copy py-spy's collapsed stacks here")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     model_dir, _ = resolve_model(args.model)
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([py_spy, "record", "--pid", str(worker.proc.pid), "--duration", str(args.seconds),
                             "--rate", "200", "--format", "raw", "--threads", "--output", str(raw), "--nonblocking"],
                            check=True, capture_output=True)
+            if args.keep:
+                shutil.copyfile(raw, args.keep)
             stacks = Counter()
             for line in raw.read_text().splitlines():
                 stack, _, count = line.rpartition(" ")
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     frames = Counter()
     for stack, count in stacks.items():
         head = stack.split(";", 1)[0]
-        threads[head.split(" ")[0] + " " + head.split(" ")[1] if " " in head else head] += count
+        threads[head.partition(": ")[2] or head] += count
         for label, (func, path) in FRAMES.items():
             if _has(stack, func, path):
                 frames[label] += count
