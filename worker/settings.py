@@ -6,6 +6,7 @@ process's class extends it. ``sentiment config`` prints the effective values wit
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "sentiment-en"
+# The project's labelled data sets live beside the repository, never inside it (tests, bench, docs).
+SHARED_DATA_DIR = Path(os.environ.get("SENTIMENT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 CommaList = Annotated[list[str], NoDecode]
 
