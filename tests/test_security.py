@@ -74,6 +74,8 @@ def secure_broker(kafka, tmp_path_factory) -> SecureBroker:
     from tests.test_faults import _free_port_pair
 
     ssl_port = _free_port_pair()
+    while ssl_port in (plain.port, plain.port + 1):
+        ssl_port = _free_port_pair()
     plain.env.update({
         "KAFKA_EXTRA_PROTOCOL_MAP": ",SASL_SSL:SASL_SSL",
         "KAFKA_FORMAT_ARGS": f"--add-scram SCRAM-SHA-256=[name={USER},password={password}]",
