@@ -118,8 +118,8 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.getLogger("training").setLevel(logging.DEBUG if verbose else logging.INFO)
     # onnxruntime.quantization logs a pre-processing hint per call through the root logger.
     logging.getLogger().addFilter(lambda r: "pre-processing before quantization" not in r.getMessage())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -19,7 +19,7 @@ import numpy as np
 
 from schemas import MetricRecord, ModelManifest
 from training.calibrate import confidence_reference, ece, fit_temperature, softmax
-from training.data import LabeledTexts
+from training.data import LabeledTexts, limit
 from training.evaluate import evaluate, score_package, write_report
 from training.export import ParityGate, export_int8
 from training.model import SentimentModel, load_model
@@ -27,6 +27,8 @@ from training.registry import assemble_package, new_version, publish_to_dir, pub
 from training.train import TrainConfig, encode, load_tokenizer, predict_logits, train
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_ROWS = 1024
 
 
 @dataclass
@@ -54,8 +56,9 @@ def package_model(model: SentimentModel, tokenizer_json: Path, train_data: Label
     torch_acc = float((torch_logits.argmax(1) == gold).mean())
     log.info("fp32 torch dev accuracy %.4f", torch_acc)
 
+    calibration = limit(train_data, CALIBRATION_ROWS, seed=0).texts  # SmoothQuant activation ranges: train, not dev
     result = export_int8(model, tokenizer_json, dev_data.texts, dev_data.labels, labels, options.max_length,
-                         work_dir / "export", gate=options.gate)
+                         work_dir / "export", gate=options.gate, calibration_texts=calibration)
     chosen = next(v for v in result.variants if v.name == result.chosen)
     log.info("INT8 variant %s: agreement %.4f, accuracy %.4f (fp32 ONNX %.4f)", chosen.name, chosen.agreement,
              chosen.accuracy, result.fp32_accuracy)
