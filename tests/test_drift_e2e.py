@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ from worker.settings import DriftMonitorSettings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
-MODEL = REPO / "models" / "sentiment-en"
+# DRIFT_E2E_MODEL points the test at another package (e.g. a candidate before it is committed).
+MODEL = Path(os.environ.get("DRIFT_E2E_MODEL", REPO / "models" / "sentiment-en"))
 DATA = Path("/work/shared/data")
 WINDOW = 200  # pooled monitor window; each worker window is WINDOW / 2
 IN_DOMAIN = 6 * WINDOW
