@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="paced load per latency level")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="Kafka worker processes")
     parser.add_argument("--absa-texts", type=int, default=1000, help="texts for the ABSA overhead row")
+    parser.add_argument("--no-int8-reference", action="store_true",
+                        help="skip the all-INT8 stand-in run (only made when the shipped package is used)")
     parser.add_argument("--skip-kafka", action="store_true")
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.data import DEFAULT_DATA_DIR, load_texts
     from bench.inprocess import run_ours, run_seed
-    from bench.peak import machine_peak, model_gemm_profile, ops_for_shapes
+    from bench.peak import machine_peak, model_gemm_profile, ops_by_kind, ops_for_shapes
 
     started = time.monotonic()
     model_dir, model_note = resolve_model(args.model)
@@ -124,7 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     log("prototype: the same run with optimal length buckets (bench/prototypes.py)")
     full_dp = run_ours(model_dir, texts, "pipeline+dp", absa=False)
     log(f"  {full_dp['msgs_per_s']:.1f} msgs/s")
+    if not model_note.startswith("FALLBACK") and not args.no_int8_reference:
+        from bench.fallback_model import ensure_fallback_package
+
+        log("reference: the same run with an all-INT8 MiniLM-L6 package (the fallback stand-in)")
+        ref = run_ours(ensure_fallback_package(), texts, "pipeline", absa=False)
+        log(f"  {ref['msgs_per_s']:.1f} msgs/s")
+        results["all_int8_reference"] = {
+            "msgs_per_s": ref["msgs_per_s"], "speedup_vs_shipped": ref["msgs_per_s"] / full["msgs_per_s"],
+            "note": "all-MiniLM-L6-v2 with every weight matrix INT8 (bench/fallback_model.py), same texts"}
     peaks.append(machine_peak())
+    log("fp32 GEMM peak (ORT MatMul), for packages that keep some layers in fp32")
+    peak_fp32 = machine_peak(reps=3, fp32=True)
     default = full
     results["absa"] = {"overhead": None, "enabled_by_default": absa_default}
     if not absa_default:
@@ -165,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         "padded_tokens": sum(r * n for r, n in full_dp["shapes"]), "session_calls": len(full_dp["shapes"]),
         "gemm_gop": ops_dp / 1e9, "cpu_share": full_dp["cpu_share"], "achieved_gops": ops_dp / full_dp["wall_s"] / 1e9,
         "share": full_dp["share"], "batch_ms_median": statistics.median(full_dp["batch_seconds"]) * 1000}
+    kinds = ops_by_kind(profile, full["shapes"])
+    ceiling_s = (kinds["int8"] / (peak * 1e9)
+                 + (kinds["fp32"] + kinds["attention"]) / (peak_fp32["peak_gops"] * 1e9))
     results["peak"] = {"measurements": peaks, "peak_gops": peak, "peak_gops_per_cpu_second": peak_cpu,
+                       "fp32": peak_fp32, "ops_by_kind_gop": {k: v / 1e9 for k, v in kinds.items()},
+                       "fraction_of_mixed_ceiling": ceiling_s / full["wall_s"],
                        "achieved_gops_per_cpu_second": ops / full["cpu_s"] / 1e9, "model": profile,
                        "gemm_gop": ops / 1e9,
                        "achieved_gops": achieved, "achieved_gops_during_ort": ops / ort_busy / 1e9,
@@ -283,7 +301,10 @@ def build_summary(r: dict) -> dict:
         "int8_peak_fraction_per_cpu_second": (r["peak"]["achieved_gops_per_cpu_second"]
                                               / r["peak"]["peak_gops_per_cpu_second"]),
         "cpu_share_obtained": r["inprocess"]["cpu_share"],
+        "gemm_fraction_of_mixed_precision_ceiling": r["peak"]["fraction_of_mixed_ceiling"],
+        "int8_share_of_gemm_ops": r["peak"]["ops_by_kind_gop"]["int8"] / sum(r["peak"]["ops_by_kind_gop"].values()),
         "prototype_dp_buckets_speedup": r["prototype_dp_buckets"]["speedup"],
+        "all_int8_reference_speedup": r.get("all_int8_reference", {}).get("speedup_vs_shipped"),
         "inprocess_msgs_per_s": inproc,
         "inprocess_default_settings_msgs_per_s": r["inprocess_default"]["msgs_per_s"],
         "absa_in_default_settings": r["inprocess_default"]["absa"],
