@@ -37,7 +37,7 @@ ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ONNX_OUTPUT = "logits"
 OPSET = 17
 # A variant may be this much slower than the fastest one and still be chosen for accuracy.
-SPEED_TOLERANCE = 1.15
+SPEED_TOLERANCE = 1.5  # wall-clock timings on a shared 2-core box jitter by ~30%
 SMOOTH_ALPHA = 0.8  # 0.5 doubled the INT8 logit error on SST-2 dev; 0.8 halved it
 
 
@@ -286,7 +286,8 @@ def export_int8(model: SentimentModel, tokenizer_json: Path, dev_texts: Sequence
     """Exports, quantizes, scores every variant on dev, picks one and applies the parity gate.
 
     Choice rule: among variants that pass the gate and are at most ``SPEED_TOLERANCE`` × slower than the
-    fastest passing one, take the highest dev accuracy, then the highest fp32 agreement.
+    fastest passing one, take the smallest file among those within ``max_accuracy_drop`` of the best dev
+    accuracy (differences that small are noise at dev size), then the highest fp32 agreement.
     ``gate=None`` records the numbers without enforcing them (only for the random-init tiny package).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -330,6 +331,9 @@ def export_int8(model: SentimentModel, tokenizer_json: Path, dev_texts: Sequence
         raise ParityError(f"no INT8 variant passes the parity gate ({effective}): {detail}")
     fastest = min(r.seconds for r in pool)
     fast = [r for r in pool if r.seconds <= SPEED_TOLERANCE * fastest]
-    best = max(fast, key=lambda r: (r.accuracy, r.agreement, -r.max_abs_prob_diff, -r.seconds))
+    top = max(r.accuracy for r in fast)
+    # Accuracy differences inside the gate's own tolerance are noise at dev size: take the smallest such model.
+    close = [r for r in fast if r.accuracy >= top - effective.max_accuracy_drop - 1e-12]
+    best = min(close, key=lambda r: (r.size_bytes, -r.agreement, r.max_abs_prob_diff))
     return ExportResult(int8_path=Path(best.path), fp32_path=fp32_path, chosen=best.name, fp32_accuracy=fp32_acc,
                         variants=results, logits_fp32=fp32_logits, logits_int8=all_logits[best.name])
