@@ -159,3 +159,33 @@ def test_long_texts_are_classified_on_the_aspects_sentence() -> None:
     assert sentence_window(text, (start, start + 6), 240) == "But the screen is great."
     assert sentence_window(text, None, 240) == text
     assert sentence_window("Short. Text.", (0, 5), 240) == "Short. Text."
+
+
+def test_xml_evaluation_reports_polarity_and_extraction(tmp_path, monkeypatch) -> None:
+    import argparse
+    import json
+
+    import training.calibrate
+    import training.evaluate
+    from training.absa_eval import evaluate_absa
+
+    # The PNG plots cost most of this test's time (matplotlib); the numbers and report.md are what it checks.
+    for module, name in ((training.evaluate, "plot_confusion"), (training.evaluate, "plot_threshold"),
+                         (training.calibrate, "reliability_diagram")):
+        monkeypatch.setattr(module, name, lambda *a, **k: None)
+
+    xml = tmp_path / "mini.xml"
+    xml.write_text(
+        '<?xml version="1.0" encoding="UTF-8"?><sentences>'
+        '<sentence id="1"><text>The battery life is awful but the screen is great.</text><aspectTerms>'
+        '<aspectTerm term="battery life" polarity="negative" from="4" to="16"/>'
+        '<aspectTerm term="screen" polarity="positive" from="34" to="40"/></aspectTerms></sentence>'
+        '<sentence id="2"><text>The keyboard is fine.</text><aspectTerms>'
+        '<aspectTerm term="keyboard" polarity="conflict" from="4" to="12"/></aspectTerms></sentence>'
+        "</sentences>", encoding="utf-8")
+    args = argparse.Namespace(data=xml, out=tmp_path / "report", limit=None, threads=1)
+    out = evaluate_absa(args, PATHS.absa_model_dir, verify_package(PATHS.absa_model_dir))
+    summary = json.loads((out / "absa-summary.json").read_text())
+    assert summary["term_polarity"]["n"] == 2  # conflict dropped
+    assert summary["term_extraction"]["gold"] == 3
+    assert (out / "report.md").exists() and (out / "metrics.json").exists()

@@ -29,7 +29,7 @@ def texts_with_aspects(n: int, k: int = 3) -> tuple[list[str], list[list[str]]]:
     texts, aspects = [], []
     for s in absa_data.read_xml(absa_data.MAMS_ATSA_VAL):
         terms = list(dict.fromkeys(t.term for t in s.terms))
-        terms = (terms + ["price", "service", "food"])[:k]
+        terms = [*terms, "price", "service", "food"][:k]
         texts.append(s.text)
         aspects.append(terms)
         if len(texts) == n:

@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     n = len(texts)
-    data = "worker/aspect_categories.json descriptions and examples + MAMS ATSA val[:400] + SemEval-14 Laptops train[:200]"
+    data = ("worker/aspect_categories.json descriptions and examples + MAMS ATSA val[:400] + "
+            "SemEval-14 Laptops train[:200]")
     metrics = [MetricRecord(name="int8_fp32_mean_cosine", value=float(cosine.mean()), data=data, split="val", n=n),
                MetricRecord(name="int8_fp32_min_cosine", value=float(cosine.min()), data=data, split="val", n=n),
                MetricRecord(name="int8_fp32_detection_agreement", value=agreement, data=data, split="val",
