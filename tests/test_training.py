@@ -175,8 +175,9 @@ def test_train_export_gate_report_serve(tmp_path: Path, tiny_encoder: Path) -> N
 
     requests = tmp_path / "requests.jsonl"
     requests.write_text('{"id": "a", "text": "the album was superb"}\n{"id": "b", "text": "the meal was awful"}\n')
-    assert sentiment(["predict", "--model", str(out), "--input", str(requests), "--output", str(tmp_path / "o.jsonl")]) == 0
-    events = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    predicted = tmp_path / "o.jsonl"
+    assert sentiment(["predict", "--model", str(out), "--input", str(requests), "--output", str(predicted)]) == 0
+    events = [json.loads(line) for line in predicted.read_text().splitlines()]
     assert [e["predicted_label"] for e in events] == ["POSITIVE", "NEGATIVE"]
     # resume: the finished run is picked up, not retrained
     out2 = tmp_path / "pkg2"
@@ -201,7 +202,8 @@ def test_parity_gate_refuses_a_broken_quantization(tmp_path: Path, monkeypatch: 
     from training import export
     from training.model import model_from_config
 
-    def broken_variants(fp32: Path, out_dir: Path, num_heads: int, hidden: int) -> dict[str, Path]:
+    def broken_variants(fp32: Path, out_dir: Path, num_heads: int, hidden: int,
+                        smooth_path: Path | None = None) -> dict[str, Path]:
         import onnx
         from onnx import numpy_helper
 
