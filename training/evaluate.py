@@ -232,7 +232,8 @@ def evaluate(probs: np.ndarray, data: LabeledTexts, model_name: str, threshold: 
     if baselines:
         vader = vader_predict(data.texts, labels)
         if vader is not None:
-            base["VADER"] = {**headline(vader, gold, labels), "note": "compound score; 3-class: |c| < 0.05 neutral"}
+            note = "compound score; 3-class: abs(compound) < 0.05 is NEUTRAL"
+            base["VADER"] = {**headline(vader, gold, labels), "note": note}
             base_preds["VADER"] = vader
         tfidf, note = tfidf_predict(data.texts, gold, baseline_train)
         base["TF-IDF + LogReg"] = {**headline(tfidf, gold, labels), "note": note}
