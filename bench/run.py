@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     log("prototype: the same run with optimal length buckets (bench/prototypes.py)")
     full_dp = run_ours(model_dir, texts, "pipeline+dp", absa=False)
     log(f"  {full_dp['msgs_per_s']:.1f} msgs/s")
-    if not model_note.startswith("FALLBACK") and not args.no_int8_reference:
+    profile = model_gemm_profile(model_dir / "model.onnx")
+    if not model_note.startswith("FALLBACK") and not args.no_int8_reference and profile["fp32_weights"]:
         from bench.fallback_model import ensure_fallback_package
 
         log("reference: the same run with an all-INT8 MiniLM-L6 package (the fallback stand-in)")
