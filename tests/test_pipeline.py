@@ -96,3 +96,9 @@ def test_pair_truncation_keeps_separators_and_the_whole_aspect():
     assert len(cut_ids) == 16 and cut_ids[0] == 101
     assert cut_ids[-3:] == [7, 8, 102] and cut_ids[-4] == 102
     assert cut_types[-3:] == [1, 1, 1]
+
+
+def test_batch_result_carries_truncation_for_the_drift_window(classifier):
+    result = Labeler(classifier, LIMITS).label(requests(["word " * 3000, "short"]))
+    assert result.truncated.tolist() == [True, False]
+    assert [e.truncated for e in result.outputs] == [True, False]

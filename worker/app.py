@@ -158,7 +158,8 @@ class StreamWorker:
             self._observe_lag(events)
             self.batches_done += 1
             await self._publish_stats(self.window.add_batch(
-                result.predicted_indices, result.confidences, result.uncertain, result.text_lengths))
+                result.predicted_indices, result.confidences, result.uncertain, result.text_lengths,
+                truncated=result.truncated))
         except DeliveryError as exc:
             # Outputs may be partly written; the events stay unacked so the batch is redone after the
             # restart (at-least-once). Crash loudly rather than commit past them.

@@ -43,6 +43,7 @@ class BatchResult:
     predicted_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     uncertain: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     text_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     inference_seconds: float = 0.0
     retried: bool = False
     isolated: bool = False
@@ -112,6 +113,7 @@ class Labeler:
             result.predicted_indices = np.concatenate([p.predicted_indices for p in parts])
             result.uncertain = np.concatenate([p.uncertain for p in parts])
             result.text_lengths = np.concatenate([p.text_lengths for p in parts])
+            result.truncated = np.concatenate([p.truncated for p in parts])
         return result
 
     def _build(self, classifier: Classifier, batch: Sequence[Decoded], predictions: Predictions,
@@ -147,6 +149,7 @@ class Labeler:
         return BatchResult(
             outputs=outputs, confidences=confidence, predicted_indices=predicted, uncertain=uncertain,
             text_lengths=np.fromiter((len(item.request.text) for item in batch), dtype=np.int64, count=len(batch)),
+            truncated=np.asarray(predictions.truncated, dtype=bool),
             inference_seconds=(labeled_at - started).total_seconds(),
         )
 
