@@ -2,7 +2,7 @@
 
 The issue's two Kafka cases: an in-domain stream (SST-2 dev, shuffled and repeated) gives no alert over
 many windows; a shifted stream (TweetEval tweets) after that in-domain start gives one alert within two
-windows. Needs ``models/sentiment-en`` and the shared data sets; skipped where either is missing.
+windows. Needs ``models/sentiment-en`` and the shared data sets; a missing one fails the test.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import pytest
 from schemas import DriftAlert
 from tests.kafka_helpers import REPO, Topics, WorkerProcess, create_topic, produce_raw, read_all
 from worker.drift_monitor import DriftMonitor, MonitorMetrics, run
-from worker.settings import DriftMonitorSettings
+from worker.settings import SHARED_DATA_DIR, DriftMonitorSettings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 # DRIFT_E2E_MODEL points the test at another package (e.g. a candidate before it is committed).
 MODEL = Path(os.environ.get("DRIFT_E2E_MODEL", REPO / "models" / "sentiment-en"))
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA_DIR
 WINDOW = 200  # pooled monitor window; each worker window is WINDOW / 2
 IN_DOMAIN = 6 * WINDOW
 
@@ -53,8 +53,6 @@ def as_requests(texts: list[str], prefix: str) -> list[tuple[bytes, bytes]]:
             for i, t in enumerate(texts)]
 
 
-@pytest.mark.skipif(not (MODEL / "manifest.json").exists() or not DATA.exists(),
-                    reason="needs models/sentiment-en and /work/shared/data")
 async def test_in_domain_stream_is_quiet_and_tweets_alert_within_two_windows(topics: Topics, tmp_path: Path) -> None:
     rng = random.Random(0)
     dev = sst2_dev()

@@ -24,11 +24,12 @@ from pathlib import Path
 
 from schemas import DataFingerprint
 from training.data import LabeledTexts, sha256_bytes, short_name
+from worker.settings import SHARED_DATA_DIR
 
 LABELS = ["NEGATIVE", "NEUTRAL", "POSITIVE"]
 _POLARITY = {"negative": "NEGATIVE", "neutral": "NEUTRAL", "positive": "POSITIVE"}
 
-DATA_ROOT = Path("/work/shared/data")
+DATA_ROOT = SHARED_DATA_DIR  # default paths only; every loader takes a path
 SEMEVAL_REST = DATA_ROOT / "semeval2014_absa" / "Restaurants_Train_v2.xml"
 SEMEVAL_LAPTOP = DATA_ROOT / "semeval2014_absa" / "Laptop_Train_v2.xml"
 MAMS_ATSA_TRAIN = DATA_ROOT / "mams_absa" / "ATSA" / "train.xml"
