@@ -149,6 +149,10 @@ def package_checkpoint(checkpoint: Path, config: TrainConfig, train_data: Labele
     info = {"config": {k: v for k, v in asdict(config).items() if k not in ("out_dir",)},
             "train_rows": len(train_data), "dev_rows": len(dev_data), "checkpoint": Path(checkpoint).name,
             "checkpoint_eval": json.loads(best.read_text()) if best.exists() else None}
+    history = Path(checkpoint).parent / "history.json"  # written by train() next to best/ and last/
+    if history.exists():
+        info["history"] = json.loads(history.read_text())
+        info["train_seconds"] = info["history"][-1]["seconds"] if info["history"] else None
     work = Path(config.out_dir) / f"package-{Path(checkpoint).name}"
     return package_model(model, Path(config.base_encoder) / "tokenizer.json", train_data, dev_data, work, options,
                          info)
