@@ -198,6 +198,8 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="report directory (default runs/eval/<model>-<data>)")
     p.add_argument("--baseline-train", type=Path, help="train file for the TF-IDF baseline (default: 5-fold CV)")
     p.add_argument("--baseline-format", default="auto")
+    p.add_argument("--normalize", default="none", choices=sorted(data_mod.NORMALIZERS),
+                   help="text normalization before scoring (the worker itself serves raw text; default none)")
     p.add_argument("--limit", type=int, help="evaluate at most N rows")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--threads", type=int, default=2)
@@ -212,7 +214,8 @@ def evaluate_document(args: argparse.Namespace, package_dir: Path, manifest: Mod
     from training.evaluate import evaluate, score_package, write_report
 
     labels = list(manifest.labels)
-    data = data_mod.limit(data_mod.load(args.data, labels, args.format), args.limit)
+    data = data_mod.normalize(data_mod.limit(data_mod.load(args.data, labels, args.format), args.limit),
+                              args.normalize)
     baseline_train = data_mod.load(args.baseline_train, labels, args.baseline_format) if args.baseline_train else None
     probs = score_package(package_dir, data.texts, threads=args.threads)
     ev = evaluate(probs, data, f"{manifest.name} {manifest.version}", threshold=manifest.threshold,
