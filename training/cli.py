@@ -105,6 +105,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--threads", type=int, default=2, help="max torch threads; adapts down under contention")
     m.add_argument("--no-resume", action="store_true", help="start over even if WORK_DIR/last exists")
+    m.add_argument("--init-from", type=Path, metavar="DIR",
+                   help="start fine-tuning from a saved checkpoint (encoder + head), e.g. runs/NAME/best")
     m.add_argument("--checkpoint", type=Path, metavar="DIR",
                    help="skip fine-tuning: package this saved checkpoint (e.g. runs/NAME/best)")
     q = p.add_argument_group("export, threshold, report")
@@ -160,7 +162,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, pooling=args.pooling,
         class_weights=args.class_weights, eval_every=args.eval_every, patience=args.patience,
         selection_metric=args.selection_metric, seed=args.seed, threads=args.threads, resume=not args.no_resume,
-        progress=True,
+        progress=True, init_from=str(args.init_from) if args.init_from else None,
     )
     options = PackageOptions(
         name=args.name, labels=args.labels, max_length=args.max_length, base_encoder=str(args.base_encoder),

@@ -65,6 +65,7 @@ class TrainConfig:
     resume: bool = True
     grad_clip: float = 1.0
     progress: bool = True
+    init_from: str | None = None  # a save_model checkpoint to start from (continued fine-tuning)
 
 
 @dataclass
@@ -249,6 +250,9 @@ def train(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts)
     gold_dev = np.asarray(dev_data.labels)
 
     model = build_model(config.base_encoder, num_labels, config.pooling, config.dropout)
+    if config.init_from:
+        model.load_state_dict(load_model(Path(config.init_from), attn_implementation="sdpa").state_dict())
+        log.info("initialised from %s", config.init_from)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     steps_per_epoch = math.ceil(len(train_ids) / config.batch_size)
     total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
