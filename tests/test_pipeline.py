@@ -102,3 +102,17 @@ def test_batch_result_carries_truncation_for_the_drift_window(classifier):
     result = Labeler(classifier, LIMITS).label(requests(["word " * 3000, "short"]))
     assert result.truncated.tolist() == [True, False]
     assert [e.truncated for e in result.outputs] == [True, False]
+
+
+def test_sub_batch_plan_separates_a_long_outlier_and_respects_the_budget():
+    from worker.inference import plan_sub_batches
+
+    padded = np.array([8] * 63 + [64])
+    plan = plan_sub_batches(padded, budget=4096)
+    assert plan[0][0] == 0 and plan[-1][1] == 64
+    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))  # contiguous, complete
+    assert (63, 64) in plan  # the one long review no longer pads 63 short texts to 64 tokens
+    uniform = plan_sub_batches(np.array([20] * 64), budget=4096)
+    assert uniform == [(0, 64)]  # nothing to gain: one call
+    tight = plan_sub_batches(np.array([64] * 10), budget=128)
+    assert all((end - start) * 64 <= 128 for start, end in tight)

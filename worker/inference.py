@@ -3,8 +3,8 @@
 Contract:
   * ``Classifier.load(dir)`` verifies the package's hashes before it builds a session (PackageError).
   * ``Classifier.predict(texts)`` returns calibrated probabilities, one row per text, in input order.
-    Texts are sorted by token length and cut into sub-batches, so a batch pays for the padding of its
-    own length bucket only (padding waste costs as much as quantization saves on this CPU).
+    Texts are sorted by token length and cut into sub-batches where that saves more padding than an
+    extra session call costs (``plan_sub_batches``): padding waste costs as much as quantization saves.
   * ``decide`` turns one probability row into (label, predicted_label, confidence): below the
     threshold the label is UNCERTAIN, and predicted_label keeps the argmax.
 """
@@ -25,6 +25,11 @@ from worker.package import resolve_package_dir, verify_package
 # Sub-batch token budget: rows × padded length. Keeps one session call's activations small and its
 # latency predictable; 32 × 128 was the knee of the throughput curve on the 2-core machines.
 DEFAULT_TOKEN_BUDGET = 4096
+
+
+# What one extra session call costs, in padded tokens (measured in bench/ANALYSIS.md): it stops the
+# planner below from cutting a batch into many tiny calls to save a few padding tokens.
+CALL_OVERHEAD_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -106,20 +111,12 @@ class Classifier:
             return logits, truncated
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=n)
         order = np.argsort(lengths, kind="stable")
-        start = 0
-        while start < n:
-            # Grow the sub-batch while rows × (longest row) stays inside the token budget.
-            end = start + 1
-            while end < n:
-                padded = min(int(lengths[order[end]]), self.max_length)
-                if (end - start + 1) * padded > self.token_budget:
-                    break
-                end += 1
+        padded = np.minimum(lengths[order], self.max_length)
+        for start, end in plan_sub_batches(padded, self.token_budget):
             rows = order[start:end]
             feed, cut = self._feed([encodings[i] for i in rows], pairs)
             logits[rows] = self.session.run([self.manifest.onnx_output], feed)[0]
             truncated[rows] = cut
-            start = end
         return logits, truncated
 
     def _predict(self, encodings: list[Encoding], pairs: bool = False) -> Predictions:
@@ -143,6 +140,33 @@ class Classifier:
             mask[row, : len(ids)] = 1
         feed = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": type_ids}
         return {k: v for k, v in feed.items() if k in self.input_names}, cut
+
+
+def plan_sub_batches(padded: np.ndarray, budget: int, overhead: int = CALL_OVERHEAD_TOKENS) -> list[tuple[int, int]]:
+    """Cuts a batch whose padded lengths are sorted ascending into contiguous [start, end) sub-batches.
+
+    Minimises Σ (rows × longest row + overhead) with every sub-batch inside ``budget`` tokens (a single row
+    always fits). A greedy fill pads a whole batch of tweets to its one long review; this dynamic program
+    (O(n²), n ≤ batch size) pays padding only where it is cheaper than another session call.
+    """
+    n = len(padded)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = int(padded[end - 1])  # sorted ascending: the last row of a sub-batch is its longest
+        for start in range(end - 1, -1, -1):
+            rows = end - start
+            if rows > 1 and rows * longest > budget:
+                break
+            cost = best[start] + rows * longest + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    plan: list[tuple[int, int]] = []
+    end = n
+    while end > 0:
+        plan.append((cut[end], end))
+        end = cut[end]
+    return plan[::-1]
 
 
 def _truncate(ids: list[int], types: list[int], limit: int, pairs: bool) -> tuple[list[int], list[int]]:
