@@ -87,3 +87,10 @@ def test_readme_documents_every_worker_setting():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     missing = [name for name in WorkerSettings.model_fields if f"`SENTIMENT_{name.upper()}`" not in readme]
     assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_fault_marker_is_refused_without_chaos_testing():
+    refused = sentiment("config", env={"SENTIMENT_FAULT_MARKER": "x"})
+    assert refused.returncode != 0 and "SENTIMENT_CHAOS_TESTING" in refused.stderr
+    allowed = sentiment("config", env={"SENTIMENT_FAULT_MARKER": "x", "SENTIMENT_CHAOS_TESTING": "true"})
+    assert allowed.returncode == 0

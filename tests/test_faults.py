@@ -289,7 +289,8 @@ def test_injected_inference_error_is_retried_isolated_and_dead_lettered(topics: 
     records_in[poison_at] = (records_in[poison_at][0],
                              json.dumps({"id": f"px-{poison_at}", "text": f"fine words {marker} more"}).encode())
     run(produce_raw(topics.requests, records_in))
-    worker = start_worker(topics, tiny_model, tmp_path, "poison", SENTIMENT_FAULT_MARKER=marker)
+    worker = start_worker(topics, tiny_model, tmp_path, "poison", SENTIMENT_FAULT_MARKER=marker,
+                          SENTIMENT_CHAOS_TESTING="true")
     try:
         records = run(read_all([topics.labeled, topics.dlq], expected=n, timeout=180))
         assert worker.alive()

@@ -11,7 +11,7 @@ import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -110,12 +110,21 @@ class WorkerSettings(TopicSettings):
     stats_window_seconds: float = Field(default=60.0, gt=0)
     worker_id: str | None = None
     inference_retries: int = Field(default=1, ge=0, le=5)
+    chaos_testing: bool = Field(default=False, description="Allows fault_marker; never set it in production.")
     fault_marker: str | None = Field(
         default=None, description="Chaos testing only: inference raises on any batch with a text containing this.")
     session_timeout_s: float = Field(default=10.0, gt=0)
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     max_poll_interval_s: float = Field(default=300.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+    @model_validator(mode="after")
+    def _fault_marker_needs_chaos_testing(self) -> WorkerSettings:
+        # Whoever sets the environment could otherwise dead-letter chosen records with a marker string.
+        if self.fault_marker and not self.chaos_testing:
+            raise ValueError("SENTIMENT_FAULT_MARKER is only accepted with SENTIMENT_CHAOS_TESTING=true")
+        return self
 
 
 SECRET_FIELDS = frozenset({"kafka_sasl_password"})
