@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime
 
 import numpy as np
@@ -110,7 +111,7 @@ def test_sub_batch_plan_separates_a_long_outlier_and_respects_the_budget():
     padded = np.array([8] * 63 + [64])
     plan = plan_sub_batches(padded, budget=4096)
     assert plan[0][0] == 0 and plan[-1][1] == 64
-    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))  # contiguous, complete
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(plan))  # contiguous, complete
     assert (63, 64) in plan  # the one long review no longer pads 63 short texts to 64 tokens
     uniform = plan_sub_batches(np.array([20] * 64), budget=4096)
     assert uniform == [(0, 64)]  # nothing to gain: one call

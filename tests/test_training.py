@@ -17,15 +17,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch
 
-from training import data as data_mod  # noqa: E402
-from training.calibrate import confidence_reference, ece, fit_temperature, softmax  # noqa: E402
-from training.evaluate import choose_threshold  # noqa: E402
-from training.tiny import base_tokenizer_json, build_tiny_package, tiny_config  # noqa: E402
-from worker.inference import Classifier  # noqa: E402
-from worker.package import verify_package  # noqa: E402
+from training import data as data_mod
+from training.calibrate import confidence_reference, ece, fit_temperature, softmax
+from training.evaluate import choose_threshold
+from training.tiny import base_tokenizer_json, build_tiny_package, tiny_config
+from worker.inference import Classifier
+from worker.package import verify_package
 
 POS = ("great", "wonderful", "loved", "excellent", "fantastic", "superb")
 NEG = ("awful", "terrible", "hated", "boring", "horrible", "dreadful")

@@ -232,8 +232,16 @@ def evaluate_document(args: argparse.Namespace, package_dir: Path, manifest: Mod
     return out
 
 
+def evaluate_aspects(args: argparse.Namespace, package_dir: Path, manifest: ModelManifest) -> Path:
+    """ABSA packages on SemEval-style XML: term polarity, category polarity and term extraction."""
+    from training.absa_eval import evaluate_absa
+
+    return evaluate_absa(args, package_dir, manifest)
+
+
 EVALUATORS: dict[str, Callable[[argparse.Namespace, Path, ModelManifest], Path]] = {
     "sequence-classification": evaluate_document,
+    "pair-classification": evaluate_aspects,
 }
 
 
