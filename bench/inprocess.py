@@ -68,13 +68,6 @@ def _our_worker(args: tuple) -> dict:
     classifier = labeler.classifier
     limits = labeler.limits
     payloads = [json.dumps({"id": f"b-{i}", "text": t}).encode() for i, t in enumerate(texts)]
-    if mode.endswith("+dp"):  # prototype: optimal length buckets (bench/prototypes.py)
-        import types
-
-        from bench.prototypes import dp_logits_for
-
-        classifier.logits_for = types.MethodType(dp_logits_for, classifier)
-        mode = mode[: -len("+dp")]
     classifier.predict(texts[:BATCH])  # warm-up: first-run allocations, kernel selection
     session = _TimedSession(classifier.session)
     tokenizer = _TimedTokenizer(classifier.tokenizer)

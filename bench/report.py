@@ -13,29 +13,6 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**missed**")
 
 
-def _dp_text(r: dict) -> str:
-    dp = r.get("prototype_dp_buckets")
-    if not dp:
-        return "not measured"
-    peak = r["peak"]
-    if dp["padded_tokens"] == peak["padded_tokens"] and dp["session_calls"] == peak["session_calls"]:
-        base = r["inprocess"]
-        per_cpu = (dp["msgs_per_s"] / (dp["cpu_share"] * base["processes"])) / (
-            base["msgs_per_s"] / (base["cpu_share"] * base["processes"]))
-        return (f"`worker/inference.py` already plans its sub-batches this way (identical shapes: "
-                f"{dp['padded_tokens']} padded tokens in {dp['session_calls']} calls for "
-                f"{peak['real_tokens_truncated']} real tokens), so "
-                f"the two runs execute the same code. Their wall-clock ratio, {dp['speedup']:.2f}×, is therefore "
-                f"the run-to-run noise of this shared machine; per CPU-second the processes obtained the ratio is "
-                f"{per_cpu:.2f}, which is why the report also gives per-CPU-second ratios.")
-    return (f"Same {r['inprocess']['n']} texts, same processes, with `Classifier.logits_for` replaced by "
-            f"`bench/prototypes.py:dp_logits_for` (optimal contiguous cuts of the length-sorted batch): "
-            f"{dp['msgs_per_s']:.1f} msgs/s, **{dp['speedup']:.2f}×** the current code; padded tokens "
-            f"{dp['padded_tokens']} instead of {peak['padded_tokens']} ({dp['session_calls']} session calls instead "
-            f"of {peak['session_calls']}); GEMM work {dp['gemm_gop']:.0f} instead of {peak['gemm_gop']:.0f} GOP; "
-            f"batch of 64 median {dp['batch_ms_median']:.0f} ms.")
-
-
 def write_report(r: dict, path: Path) -> None:
     s = r["summary"]
     seed = r["subsample"]["seed"]
@@ -139,8 +116,7 @@ def write_report(r: dict, path: Path) -> None:
                   f"{wc['seconds']['max']:.2f} s max, against max.poll.interval {wc['max_poll_interval_s']:.0f} s "
                   f"({wc['headroom']:.0f}× headroom)."]
     lines += ["",
-              "", "### Prototype: optimal length buckets (proposed for `worker/inference.py`)", "",
-              _dp_text(r), "",
+              "",
               "### Row 2: INT8 GEMM peak", "",
               *([f"The shipped package keeps some weight matrices in fp32 (see below). The same run with an "
                  f"all-INT8 MiniLM-L6 (the benchmark stand-in, every weight INT8): "

