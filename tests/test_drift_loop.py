@@ -19,34 +19,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from schemas import Feedback
+from tests.generated_text import NEW_WORDS, OLD_WORDS, sentences, write_jsonl
 from tests.kafka_helpers import REPO, Topics, WorkerProcess, create_topic, produce_raw, read_all
 
 pytestmark = pytest.mark.kafka
-
-THINGS = ("movie", "phone", "hotel", "meal", "album", "service", "book")
-OLD_WORDS = {"POSITIVE": ("great", "wonderful", "loved", "excellent"), "NEGATIVE": ("awful", "terrible", "hated")}
-NEW_WORDS = {"POSITIVE": ("brilliant", "delightful", "charming", "stellar"),
-             "NEGATIVE": ("dismal", "atrocious", "shoddy", "wretched")}
-
-
-def sentences(n: int, words: dict[str, tuple[str, ...]], seed: int) -> list[tuple[str, str]]:
-    rng = np.random.default_rng(seed)
-    labels = list(words)
-    rows = []
-    for i in range(n):
-        label = labels[i % 2]
-        rows.append((f"the {rng.choice(THINGS)} was {rng.choice(words[label])}", label))
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
-    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
-    return path
-
 
 def run(coro):
     return asyncio.run(coro)
@@ -63,8 +42,8 @@ def test_drift_alert_retrains_promotes_and_the_worker_reloads(topics: Topics, tm
 
     encoder = build_tiny_encoder(tmp_path_factory.mktemp("encoder"))
     registry = tmp_path / "registry"
-    base = write_jsonl(tmp_path / "base.jsonl", sentences(300, OLD_WORDS, 1))
-    holdout = write_jsonl(tmp_path / "holdout.jsonl", sentences(200, OLD_WORDS, 2))
+    base = write_jsonl(tmp_path / "base.jsonl", sentences(300, words=OLD_WORDS, seed=1))
+    holdout = write_jsonl(tmp_path / "holdout.jsonl", sentences(200, words=OLD_WORDS, seed=2))
     assert train_main(["--train", str(base), "--dev", str(holdout), "--base-encoder", str(encoder), "--name", "loop",
                        "--registry", str(registry), "--work-dir", str(tmp_path / "champion-work"),
                        "--max-steps", "40", "--batch-size", "16", "--lr", "3e-3", "--eval-every", "20",
@@ -81,7 +60,8 @@ def test_drift_alert_retrains_promotes_and_the_worker_reloads(topics: Topics, tm
            "SENTIMENT_HOLDOUT": str(holdout), "SENTIMENT_MAX_STEPS": "60", "SENTIMENT_TRAIN_BATCH_SIZE": "16",
            "SENTIMENT_LEARNING_RATE": "0.003", "SENTIMENT_MAX_LENGTH": "32"}
     run(create_topic(topics.requests, partitions=3))
-    feedback = [Feedback(id=f"fb-{i}", text=t, label=y) for i, (t, y) in enumerate(sentences(160, NEW_WORDS, 3))]
+    corrections = sentences(160, words=NEW_WORDS, seed=3)
+    feedback = [Feedback(id=f"fb-{i}", text=t, label=y) for i, (t, y) in enumerate(corrections)]
     run(produce_raw(env["SENTIMENT_FEEDBACK_TOPIC"], [(f.id.encode(), f.to_json_bytes()) for f in feedback]))
 
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
@@ -97,19 +77,19 @@ def test_drift_alert_retrains_promotes_and_the_worker_reloads(topics: Topics, tm
 
     alerts_topic, requests_topic = env["SENTIMENT_DRIFT_ALERTS_TOPIC"], env["SENTIMENT_RETRAIN_REQUESTS_TOPIC"]
     try:
-        send(sentences(400, OLD_WORDS, 10))  # in domain: four quiet windows
+        send(sentences(400, words=OLD_WORDS, seed=10))  # in domain: four quiet windows
         run(read_all([topics.labeled], expected=400, timeout=120, idle=0))
         time.sleep(3)
         quiet = run(read_all([alerts_topic], expected=0, timeout=5, idle=1))
-        send(sentences(400, NEW_WORDS, 11))  # the shift
+        send(sentences(400, words=NEW_WORDS, seed=11))  # the shift
         alerts = run(read_all([alerts_topic], expected=1, timeout=120, idle=0))
         updates = run(read_all([topics.model_updates], expected=1, timeout=240, idle=0))
         assert updates, (tmp_path / "trainer.log").read_text()[-3000:]
         deadline = time.monotonic() + 60
         while "model_swapped" not in worker.log() and time.monotonic() < deadline:
-            send(sentences(5, NEW_WORDS, int(time.monotonic())))
+            send(sentences(5, words=NEW_WORDS, seed=int(time.monotonic())))
             time.sleep(0.5)
-        send(sentences(100, NEW_WORDS, 12))
+        send(sentences(100, words=NEW_WORDS, seed=12))
         records = run(read_all([topics.labeled], expected=len(sent), timeout=120))
         requests = run(read_all([requests_topic], expected=1, timeout=10, idle=1))
     finally:

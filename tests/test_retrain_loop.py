@@ -11,37 +11,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from schemas import Feedback, RetrainRequest
+from tests.generated_text import sentences, write_jsonl
 from tests.kafka_helpers import REPO, Topics, WorkerProcess, create_topic, produce_raw, read_all
 from worker.package import verify_package
 
 pytestmark = pytest.mark.kafka
-
-POS = ("great", "wonderful", "loved", "excellent", "fantastic", "superb")
-NEG = ("awful", "terrible", "hated", "boring", "horrible", "dreadful")
-THINGS = ("movie", "phone", "hotel", "meal", "album", "service", "book")
-
-
-def separable(n: int, seed: int) -> list[tuple[str, str]]:
-    """The sentiment word decides the label: a task a few steps of fine-tuning can learn."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        positive = i % 2 == 1
-        word = rng.choice(POS if positive else NEG)
-        rows.append((f"the {rng.choice(THINGS)} was {word}", "POSITIVE" if positive else "NEGATIVE"))
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
-    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
-    return path
-
 
 def run(coro):
     return asyncio.run(coro)
@@ -56,15 +34,15 @@ def test_retrain_request_promotes_a_better_challenger_and_the_worker_serves_it(
     env = {**topics.env(), "SENTIMENT_MODEL_DIR": str(tiny_model), "SENTIMENT_BATCH_SIZE": "16",
            "SENTIMENT_REGISTRY_DIR": str(registry), "SENTIMENT_MODEL_NAME": "tiny-test",
            "SENTIMENT_CHAMPION_DIR": str(tiny_model), "SENTIMENT_BASE_ENCODER": str(encoder),
-           "SENTIMENT_BASE_TRAIN": str(write_jsonl(tmp_path / "base.jsonl", separable(200, 1))),
-           "SENTIMENT_HOLDOUT": str(write_jsonl(tmp_path / "holdout.jsonl", separable(80, 2))),
+           "SENTIMENT_BASE_TRAIN": str(write_jsonl(tmp_path / "base.jsonl", sentences(200, 1))),
+           "SENTIMENT_HOLDOUT": str(write_jsonl(tmp_path / "holdout.jsonl", sentences(80, 2))),
            "SENTIMENT_MAX_STEPS": "60", "SENTIMENT_TRAIN_BATCH_SIZE": "16", "SENTIMENT_LEARNING_RATE": "0.003",
            "SENTIMENT_MAX_LENGTH": "32", "SENTIMENT_COOLDOWN_S": "300", "HF_HUB_OFFLINE": "1",
            "SENTIMENT_TRAINER_GROUP": f"{topics.prefix}-trainer"}
     run(create_topic(topics.requests, partitions=3))
     feedback_topic = env["SENTIMENT_FEEDBACK_TOPIC"]
     requests_topic = env["SENTIMENT_RETRAIN_REQUESTS_TOPIC"]
-    feedback = [Feedback(id=f"fb-{i}", text=t, label=y, source="test") for i, (t, y) in enumerate(separable(120, 3))]
+    feedback = [Feedback(id=f"fb-{i}", text=t, label=y, source="test") for i, (t, y) in enumerate(sentences(120, 3))]
     run(produce_raw(feedback_topic, [(f.id.encode(), f.to_json_bytes()) for f in feedback]))
 
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
@@ -74,7 +52,7 @@ def test_retrain_request_promotes_a_better_challenger_and_the_worker_serves_it(
     ids = iter(range(1_000_000))
 
     def send(n: int) -> list[str]:
-        batch = [(f"id-{next(ids)}", t) for t, _ in separable(n, int(time.monotonic()))]
+        batch = [(f"id-{next(ids)}", t) for t, _ in sentences(n, int(time.monotonic()))]
         run(produce_raw(topics.requests, [(None, json.dumps({"id": i, "text": t}).encode()) for i, t in batch]))
         return [i for i, _ in batch]
 
