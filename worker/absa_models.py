@@ -20,14 +20,14 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from schemas import ModelManifest
-from worker.inference import DEFAULT_TOKEN_BUDGET, session_options
+from worker.inference import DEFAULT_TOKEN_BUDGET, plan_sub_batches, session_options
 from worker.package import PackageError, resolve_package_dir, verify_package
 
 BIO_LABELS = ["O", "B-ASP", "I-ASP"]
 
 
 class _OnnxEncoder:
-    """Tokenizer + session + length-bucketed padding shared by the tagger and the embedder."""
+    """Tokenizer + session + cost-planned sub-batches (``plan_sub_batches``) shared by the tagger and the embedder."""
 
     def __init__(self, model_path: Path, tokenizer_json: Path, max_length: int, output: str,
                  intra_op_threads: int = 1, token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
@@ -53,11 +53,7 @@ class _OnnxEncoder:
             return out
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=n)
         order = np.argsort(lengths, kind="stable")
-        start = 0
-        while start < n:
-            end = start + 1
-            while end < n and (end - start + 1) * int(lengths[order[end]]) <= self.token_budget:
-                end += 1
+        for start, end in plan_sub_batches(lengths[order], self.token_budget):
             rows = order[start:end]
             width = int(lengths[rows].max())
             ids = np.zeros((len(rows), width), dtype=np.int64)
@@ -73,7 +69,6 @@ class _OnnxEncoder:
             result = self.session.run([self.output], feed)[0]
             for r, i in enumerate(rows):
                 out[i] = result[r, : lengths[i]] if result.ndim == 3 else result[r]
-            start = end
         return out
 
 
