@@ -72,12 +72,15 @@ class _OnnxEncoder:
         return out
 
 
-def _load(path: str | Path, task: str) -> tuple[Path, ModelManifest]:
+def _load(path: str | Path, task: str, intra_op_threads: int) -> tuple[_OnnxEncoder, ModelManifest]:
+    """A hash-verified package of ``task`` and an encoder over its model (PackageError otherwise)."""
     package_dir = resolve_package_dir(path)
     manifest = verify_package(package_dir)
     if manifest.task != task:
         raise PackageError(f"{package_dir}: task is {manifest.task!r}, expected {task!r}")
-    return package_dir, manifest
+    encoder = _OnnxEncoder(package_dir / "model.onnx", package_dir / "tokenizer.json", manifest.max_length,
+                           manifest.onnx_output, intra_op_threads)
+    return encoder, manifest
 
 
 class SentenceEmbedder:
@@ -89,9 +92,7 @@ class SentenceEmbedder:
 
     @classmethod
     def load(cls, path: str | Path, intra_op_threads: int = 1) -> SentenceEmbedder:
-        package_dir, manifest = _load(path, "sentence-embedding")
-        encoder = _OnnxEncoder(package_dir / "model.onnx", package_dir / "tokenizer.json", manifest.max_length,
-                               manifest.onnx_output, intra_op_threads)
+        encoder, manifest = _load(path, "sentence-embedding", intra_op_threads)
         return cls(encoder, manifest)
 
     @classmethod
@@ -117,9 +118,7 @@ class TokenTagger:
 
     @classmethod
     def load(cls, path: str | Path, intra_op_threads: int = 1) -> TokenTagger:
-        package_dir, manifest = _load(path, "token-classification")
-        encoder = _OnnxEncoder(package_dir / "model.onnx", package_dir / "tokenizer.json", manifest.max_length,
-                               manifest.onnx_output, intra_op_threads)
+        encoder, manifest = _load(path, "token-classification", intra_op_threads)
         return cls(encoder, manifest.labels, manifest)
 
     @classmethod
