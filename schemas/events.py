@@ -18,9 +18,9 @@ attribute is ``schema_`` because ``schema`` shadows a BaseModel attribute; JSON 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 Label = Literal["POSITIVE", "NEGATIVE", "NEUTRAL", "UNCERTAIN"]
 UNCERTAIN: Label = "UNCERTAIN"
@@ -34,7 +34,29 @@ ErrorCode = Literal[
     "message_too_large",
     "tombstone",
     "inference_error",
+    "output_too_large",
+    "internal_error",
 ]
+
+# Request bounds: an output event echoes the request's id, aspects and metadata, so these keep every
+# output under the broker's record size limit and every batch's ABSA work bounded.
+MAX_ID_CHARS = 256
+MAX_REQUEST_ASPECTS = 16
+MAX_ASPECT_CHARS = 100
+MAX_METADATA_DEPTH = 16
+
+
+def nesting_depth(value: Any) -> int:
+    """Levels of nested dicts/lists (a scalar is 0, ``{}`` is 1), walked level by level rather than
+    recursively so that no input can exhaust the stack; stops counting past MAX_METADATA_DEPTH."""
+    depth, level = 0, [value]
+    while depth <= MAX_METADATA_DEPTH:
+        containers = [item for item in level if isinstance(item, dict | list)]
+        if not containers:
+            break
+        depth += 1
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
+    return depth
 
 
 def utcnow() -> datetime:
@@ -59,12 +81,14 @@ class SentimentRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
 
-    id: str | None = Field(default=None, max_length=256, description="Defaults to topic:partition:offset.")
+    id: str | None = Field(default=None, max_length=MAX_ID_CHARS, description="Defaults to topic:partition:offset.")
     text: str = Field(description="The text to label. Must be a non-empty string.")
-    aspects: list[str] | None = Field(default=None, description="Aspect terms or category names to classify.")
+    aspects: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_ASPECT_CHARS)]] | None = Field(
+        default=None, max_length=MAX_REQUEST_ASPECTS, description="Aspect terms or category names to classify.")
     lang: str | None = Field(default=None, max_length=16)
     source: str | None = Field(default=None, max_length=256)
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(default=None, description=(
+        f"Passed through to the output untouched; nested at most {MAX_METADATA_DEPTH} levels."))
     ts: datetime | None = None
 
     @field_validator("text", mode="before")
@@ -73,6 +97,14 @@ class SentimentRequest(BaseModel):
         # pydantic would coerce nothing here anyway, but an explicit check gives a clearer message.
         if not isinstance(value, str):
             raise ValueError(f"text must be a string, got {type(value).__name__}")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_must_be_shallow(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Deeper values parse but cannot be serialized back out (pydantic stops at ~255 levels).
+        if value is not None and nesting_depth(value) > MAX_METADATA_DEPTH:
+            raise ValueError(f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
         return value
 
     @field_validator("id", mode="before")

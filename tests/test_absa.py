@@ -50,6 +50,43 @@ def test_find_term_inflections_and_absence() -> None:
     assert find_term(text, "battery") is None
 
 
+def test_find_term_takes_compound_heads_and_tails_but_not_word_middles() -> None:
+    text = "A touchscreen and a happy user"
+    s, e = find_term(text, "screen")
+    assert text[s:e] == "screen" and text[s - 5:e] == "touchscreen"
+    assert find_term(text, "app") is None
+
+
+def test_every_requested_aspect_is_classified_even_past_max_aspects(stage: AspectStage) -> None:
+    capped = AspectStage(stage.classifier, stage.config, max_aspects=2)
+    asked = ["screen", "battery", "price", "keyboard"]
+    [result] = capped(batch_of(("Nice screen, weak battery, fair price, mushy keyboard.", asked)))
+    assert [a.aspect for a in result] == asked
+
+
+def test_similarity_detection_reads_a_bounded_number_of_clauses(stage: AspectStage) -> None:
+    seen: list[int] = []
+    original = stage.embedder.embed
+
+    def counting(pieces):
+        seen.append(len(pieces))
+        return original(pieces)
+
+    stage.embedder.embed = counting  # type: ignore[method-assign]
+    try:
+        stage(batch_of(("The box was fine. " * 200, None)))
+    finally:
+        del stage.embedder.embed
+    assert seen == [stage.max_clauses]
+
+
+def test_a_wordless_category_term_is_refused(tmp_path) -> None:
+    config = tmp_path / "categories.json"
+    config.write_text('{"categories": [{"name": "odd", "description": "odd things", "terms": ["ok", "?!"]}]}')
+    with pytest.raises(ValueError, match="letter or digit"):
+        load_category_config(config)
+
+
 def test_request_aspects_classified_with_labels_and_probabilities(stage: AspectStage) -> None:
     text = "The battery life is terrible, but the screen is absolutely gorgeous."
     [result] = stage(batch_of((text, ["battery life", "screen", "price"])))

@@ -18,6 +18,14 @@ META = RecordMeta(topic="in", partition=2, offset=41, key="k1")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
+def nested(levels: int) -> dict:
+    """A dict nested ``levels`` deep: {"m": [[...[1]...]]}."""
+    value: object = 1
+    for _ in range(levels - 1):
+        value = [value]
+    return {"m": value}
+
+
 def decode(value: bytes | None):
     return decode_record(value, META, LIMITS, NOW)
 
@@ -37,6 +45,14 @@ def decode(value: bytes | None):
         (b'{"text": "\xff"}', "invalid_encoding"),
         (None, "tombstone"),
         (b"x" * 1_000_001, "message_too_large"),
+        # JSON that parses in other languages but not in Python: a 5,000-digit integer, 100,000-deep arrays.
+        (b'{"text": "a", "n": ' + b"9" * 5000 + b"}", "invalid_json"),
+        (b"[" * 100_000, "invalid_json"),
+        # Bounds that keep every output small and every batch's ABSA work bounded.
+        (json.dumps({"text": "a", "metadata": nested(17)}).encode(), "schema_violation"),
+        (json.dumps({"text": "a", "aspects": ["x"] * 17}).encode(), "schema_violation"),
+        (json.dumps({"text": "a", "aspects": ["x" * 101]}).encode(), "schema_violation"),
+        (json.dumps({"text": "a", "aspects": [""]}).encode(), "schema_violation"),
     ],
 )
 def test_bad_input_becomes_a_dead_letter_with_its_code(value, code):
@@ -44,6 +60,30 @@ def test_bad_input_becomes_a_dead_letter_with_its_code(value, code):
     assert isinstance(outcome, DeadLetter)
     assert outcome.error.code == code
     assert outcome.source.offset == 41 and outcome.source.key == "k1"
+
+
+def test_an_oversized_id_is_not_echoed_into_the_dead_letter():
+    outcome = decode(json.dumps({"id": "i" * 600_000, "text": "fine"}).encode())
+    assert isinstance(outcome, DeadLetter) and outcome.error.code == "schema_violation"
+    assert outcome.id is None and len(outcome.to_json_bytes()) < 2_000
+
+
+def test_metadata_within_the_nesting_bound_is_passed_through():
+    deep = nested(16)
+    outcome = decode(json.dumps({"text": "fine", "metadata": deep}).encode())
+    assert isinstance(outcome, Decoded) and outcome.request.metadata == deep
+
+
+def test_an_unforeseen_failure_is_one_internal_error_dead_letter(monkeypatch):
+    import worker.decode
+
+    def explode(*_args):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(worker.decode, "_decode", explode)
+    outcome = decode(b'{"text": "fine"}')
+    assert isinstance(outcome, DeadLetter) and outcome.error.code == "internal_error"
+    assert "MemoryError" in outcome.error.message and outcome.source.offset == 41
 
 
 def test_dead_letter_keeps_a_bounded_raw_copy_base64_when_not_utf8():

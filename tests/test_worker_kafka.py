@@ -58,9 +58,19 @@ def test_each_bad_input_gives_exactly_one_output_and_the_worker_survives(topics:
         ("emoji", json.dumps({"id": "emoji", "text": "Loved it 😍🔥 would buy again 👍🏽"}).encode(), "LABELED"),
         ("rtl", json.dumps({"id": "rtl", "text": "המוצר מעולה ومريح جدا"}).encode(), "LABELED"),
         ("control", json.dumps({"id": "control", "text": "bad\u0000 \u0007product\u001b[31m"}).encode(), "LABELED"),
+        # Inputs that once crashed the worker on every restart (a stuck partition), now one dead letter each.
+        ("huge-int", b'{"id": "huge-int", "text": "fine", "n": ' + b"9" * 5000 + b"}", "invalid_json"),
+        ("deep-array", b"[" * 100_000, "invalid_json"),
+        ("deep-metadata", json.dumps({"id": "deep-metadata", "text": "fine", "metadata": deep(300)}).encode(),
+         "schema_violation"),
+        ("huge-id", json.dumps({"id": "i" * 600_000, "text": "fine"}).encode(), "schema_violation"),
+        ("many-aspects", json.dumps({"id": "many-aspects", "text": "fine", "aspects": ["x"] * 17}).encode(),
+         "schema_violation"),
+        ("big-echo", json.dumps({"id": "big-echo", "text": "fine", "metadata": {"blob": "x" * 200_000}}).encode(),
+         "output_too_large"),
     ]
     run(produce_raw(topics.requests, [(key.encode(), value) for key, value, _ in cases]))
-    worker = start_worker(topics, tiny_model, tmp_path)
+    worker = start_worker(topics, tiny_model, tmp_path, SENTIMENT_MAX_OUTPUT_BYTES="100000")
     try:
         records = run(read_all([topics.labeled, topics.dlq], expected=len(cases), timeout=90))
         assert worker.alive(), worker.log()[-3000:]
@@ -80,6 +90,13 @@ def test_each_bad_input_gives_exactly_one_output_and_the_worker_survives(topics:
             assert only.topic == topics.dlq, (key, only.value)
             assert only.value["error"]["code"] == expected, (key, only.value)
             assert only.value["source"]["key"] == key
+
+
+def deep(levels: int) -> dict:
+    value: object = 1
+    for _ in range(levels - 1):
+        value = [value]
+    return {"m": value}
 
 
 def mixed_messages(n: int, bad_every: int, seed: int = 7) -> tuple[list[tuple[bytes, bytes | None]], set[str]]:

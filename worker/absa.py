@@ -11,6 +11,10 @@ Contract (``AspectStage.__call__(batch) -> list[list[AspectSentiment]]``, one li
       3. open aspect terms from the BIO tagger, minus those overlapping a span found above.
     With ``detect="auto"`` (default) 2 and 3 run only for requests without ``aspects``: a producer that names
     its aspects gets exactly those, and pays for nothing else. ``"always"`` / ``"never"`` override that.
+    Detected aspects fill up to ``max_aspects`` per text; requested ones (at most
+    ``schemas.events.MAX_REQUEST_ASPECTS``, enforced at decode) are never cut.
+  * Bounded work per text, whatever its length: the tagger reads the first ``max_length`` tokens, the
+    embedder the first ``max_clauses`` clauses (seed-term matching still covers the whole text).
   * Batching: all (text, aspect) pairs of the batch go through ONE ``Classifier.predict_pairs`` call (none
     when the batch has no aspects), the tagger and the embedder through one call each. Requests without
     aspects get ``[]`` and cost nothing in the pair classifier.
@@ -98,6 +102,9 @@ def load_category_config(path: Path) -> CategoryConfig:
         terms = tuple(t.strip() for t in entry.get("terms", []) if t.strip())
         if not name or not entry.get("description"):
             raise ValueError(f"{path}: category {name!r} needs a name and a description")
+        if wordless := [t for t in terms if not re.search(r"\w", t)]:
+            # Such a term compiles to a pattern that matches the empty string of every text.
+            raise ValueError(f"{path}: category {name!r}: terms need a letter or digit: {wordless}")
         categories.append(Category(
             name=name, terms=terms, description=entry["description"].strip(),
             query=entry.get("query") or name.replace("/", " "), threshold=entry.get("threshold"),
@@ -149,7 +156,9 @@ def find_term(text: str, term: str) -> tuple[int, int] | None:
     patterns = [r"(?<!\w)" + re.escape(term) + r"(?!\w)"]
     if re.search(r"\w", term):
         patterns.append(term_regex(term))
-    patterns.append(re.escape(term))  # last resort: inside a longer word ("wifi" in "wifi-enabled")
+    # Last resort: a compound's head or tail ("screen" in "touchscreen"), never the middle of a word
+    # ("app" in "happy").
+    patterns.append(r"(?<!\w)" + re.escape(term) + "|" + re.escape(term) + r"(?!\w)")
     for pattern in patterns:
         match = re.search(pattern, text, re.IGNORECASE)
         if match:
@@ -225,8 +234,10 @@ class AspectStage:
 
     def __init__(self, classifier: Classifier, config: CategoryConfig | None = None,
                  tagger: TokenTagger | None = None, embedder: SentenceEmbedder | None = None,
-                 detect: Detect = "auto", max_aspects: int = 8, window_chars: int = 240) -> None:
+                 detect: Detect = "auto", max_aspects: int = 8, window_chars: int = 240,
+                 max_clauses: int = 16) -> None:
         self.window_chars = window_chars
+        self.max_clauses = max_clauses
         self.classifier = classifier
         self.config = config or CategoryConfig((), 1.0)
         self.tagger = tagger
@@ -269,7 +280,8 @@ class AspectStage:
         detect = [self.detect == "always" or (self.detect == "auto" and not asked) for asked in aspects]
         if self.detect != "never":
             self._detect(texts, detect, candidates)
-        candidates = [c[: self.max_aspects] for c in candidates]
+        candidates = [found[: max(self.max_aspects, len(asked or ()))]
+                      for found, asked in zip(candidates, aspects, strict=True)]
         return self._classify(texts, candidates)
 
     # -- finding aspects
@@ -324,7 +336,7 @@ class AspectStage:
             return hits
         owners, spans, pieces = [], [], []
         for i, text in enumerate(texts):
-            for s, e in clauses(text):
+            for s, e in clauses(text)[: self.max_clauses]:
                 owners.append(i)
                 spans.append((s, e))
                 pieces.append(text[s:e])

@@ -22,7 +22,8 @@ import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import faust
 import numpy as np
@@ -31,8 +32,9 @@ from aiokafka.errors import KafkaError
 
 from schemas import DeadLetter, LabeledEvent, ModelUpdate, WindowStats
 from worker import metrics
-from worker.decode import Decoded, RecordMeta, decode_key, decode_record
+from worker.decode import Decoded, RecordMeta, dead_letter, decode_key, decode_record
 from worker.inference import Classifier
+from worker.package import PackageError, read_manifest, resolve_package_dir
 from worker.pipeline import BatchResult, build_labeler
 from worker.settings import WorkerSettings
 from worker.topics import ensure_topics
@@ -45,6 +47,32 @@ SEND_ATTEMPTS = 5
 
 class DeliveryError(Exception):
     """Outputs of a batch could not be acknowledged by the broker after every retry."""
+
+
+class Output(NamedTuple):
+    """One input record's outcome, ready to send: its output key, the event, and the event's JSON."""
+
+    key: str | None
+    event: LabeledEvent | DeadLetter
+    payload: bytes
+
+
+def record_meta(event: faust.EventT) -> RecordMeta:
+    message = event.message
+    # A broker that has no timestamp reports -1; an absent timestamp is None, not 1969.
+    timestamp_ms = int(message.timestamp * 1000) if message.timestamp and message.timestamp > 0 else None
+    return RecordMeta(topic=message.topic, partition=message.partition, offset=message.offset,
+                      key=decode_key(message.key), timestamp_ms=timestamp_ms)
+
+
+def resend_order(records: list[tuple[str, bytes, bytes]], failed: list[int]) -> list[tuple[str, bytes, bytes]]:
+    """What to send again after a partial failure: per (topic, key), every record from its first failed
+    one on, in order. Re-sending only the failed ones would put them behind later outputs of the same key
+    that did get through; this way the last copy of each id on a key's partition is in input order."""
+    first_failure: dict[tuple[str, bytes], int] = {}
+    for index in failed:
+        first_failure.setdefault(records[index][:2], index)
+    return [r for i, r in enumerate(records) if i >= first_failure.get(r[:2], len(records))]
 
 
 def broker_url(bootstrap: str) -> str:
@@ -115,13 +143,17 @@ class StreamWorker:
 
         async def label_stream(stream: faust.StreamT) -> None:
             async for events in stream.take_events(s.batch_size, within=s.batch_max_wait_ms / 1000):
-                # Shield: a cancel (SIGTERM) must not interrupt a batch between "sent" and "acked".
+                # Shield: a cancel (SIGTERM, or a second one from shutdown) must not interrupt a batch
+                # between "sent" and "acked"; every cancel is absorbed until the batch is done, then re-raised.
                 task = asyncio.ensure_future(self.process_batch(stream, events))
-                try:
-                    await asyncio.shield(task)
-                except asyncio.CancelledError:
-                    await task
-                    raise
+                cancelled = False
+                while not task.done():
+                    try:
+                        await asyncio.shield(task)
+                    except asyncio.CancelledError:
+                        cancelled = True
+                if cancelled:
+                    raise asyncio.CancelledError
 
         app.agent(source, name="label")(label_stream)
 
@@ -176,59 +208,83 @@ class StreamWorker:
         decoded: list[Decoded] = []
         dead: dict[int, DeadLetter] = {}
         for index, event in enumerate(events):
-            message = event.message
-            meta = RecordMeta(topic=message.topic, partition=message.partition, offset=message.offset,
-                              key=decode_key(message.key), timestamp_ms=int(message.timestamp * 1000))
-            outcome = decode_record(message.value, meta, self.limits, now)
+            outcome = decode_record(event.message.value, record_meta(event), self.limits, now)
             if isinstance(outcome, DeadLetter):
                 dead[index] = outcome
             else:
                 decoded.append(outcome)
         return decoded, dead
 
-    @staticmethod
-    def _merge(events: Sequence[faust.EventT], decoded: list[Decoded], dead: dict[int, DeadLetter],
-               result: BatchResult) -> list[tuple[str | None, LabeledEvent | DeadLetter]]:
-        """(key, output) pairs in input order, so per-key order on the output topics matches the input."""
+    def _merge(self, events: Sequence[faust.EventT], decoded: list[Decoded], dead: dict[int, DeadLetter],
+               result: BatchResult) -> list[Output]:
+        """One encoded output per event, in input order, so per-key order on the output topics matches
+        the input. A labelled event that cannot go out as it is (over ``max_output_bytes``, or not
+        serializable) becomes that record's dead letter instead: the broker would refuse it on every retry."""
         labeled = iter(zip(decoded, result.outputs, strict=True))
-        merged: list[tuple[str | None, LabeledEvent | DeadLetter]] = []
+        merged: list[Output] = []
         for index, event in enumerate(events):
             if index in dead:
                 letter = dead[index]
-                key = letter.source.key if letter.source.key is not None else (letter.id or
-                      f"{event.message.topic}:{event.message.partition}:{event.message.offset}")
-                merged.append((key, letter))
-            else:
-                item, output = next(labeled)
-                merged.append((item.output_key, output))
+                key = letter.source.key
+                if key is None:
+                    key = letter.id or record_meta(event).default_id
+                merged.append(Output(key, letter, letter.to_json_bytes()))
+                continue
+            item, output = next(labeled)
+            merged.append(self._encoded(item, output, event))
         return merged
 
-    async def _deliver(self, outputs: list[tuple[str | None, LabeledEvent | DeadLetter]]) -> None:
-        """Sends every output and waits for all acknowledgements; re-sends the failed ones."""
+    def _encoded(self, item: Decoded, output: LabeledEvent | DeadLetter, event: faust.EventT) -> Output:
+        limit = self.settings.max_output_bytes
+        try:
+            payload = output.to_json_bytes()
+        except Exception as exc:  # decode-time bounds make this unreachable; stay safe anyway
+            letter = dead_letter(item.meta, "internal_error", f"could not serialize the output: {exc!r}"[:500],
+                                 event.message.value, self.limits, item.id)
+            return Output(item.output_key, letter, letter.to_json_bytes())
+        if len(payload) <= limit:
+            return Output(item.output_key, output, payload)
+        letter = dead_letter(item.meta, "output_too_large",
+                             f"the labelled event is {len(payload)} bytes; the limit is {limit}",
+                             event.message.value, self.limits, item.id)
+        return Output(item.output_key, letter, letter.to_json_bytes())
+
+    async def _deliver(self, outputs: list[Output]) -> None:
+        """Sends every output and waits for all acknowledgements; re-sends what failed, keeping key order."""
         s = self.settings
         records: list[tuple[str, bytes, bytes]] = []
-        for key, output in outputs:
-            payload = output.to_json_bytes()
-            key_bytes = (key or "").encode("utf-8")
-            if isinstance(output, DeadLetter):
-                records.append((s.dlq_topic, key_bytes, payload))
+        for output in outputs:
+            key_bytes = (output.key or "").encode("utf-8")
+            if isinstance(output.event, DeadLetter):
+                records.append((s.dlq_topic, key_bytes, output.payload))
                 continue
-            records.append((s.labeled_topic, key_bytes, payload))
-            if output.label == "UNCERTAIN":
-                records.append((s.uncertain_topic, key_bytes, payload))
+            records.append((s.labeled_topic, key_bytes, output.payload))
+            if output.event.label == "UNCERTAIN":
+                records.append((s.uncertain_topic, key_bytes, output.payload))
         pending = records
         for attempt in range(1, SEND_ATTEMPTS + 1):
-            futures = [await self.app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
-                       for topic, key, value in pending]
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            failed = [record for record, res in zip(pending, results, strict=True) if isinstance(res, BaseException)]
+            results = await self._send_all(pending)
+            failed = [i for i, res in enumerate(results) if isinstance(res, BaseException)]
             if not failed:
                 return
             errors = {repr(res) for res in results if isinstance(res, BaseException)}
             log.warning("delivery_retry", attempt=attempt, failed=len(failed), errors=sorted(errors)[:3])
-            pending = failed
+            pending = resend_order(pending, failed)
             await asyncio.sleep(min(0.5 * attempt, 2.0))
         raise DeliveryError(f"{len(pending)} outputs not acknowledged after {SEND_ATTEMPTS} attempts")
+
+    async def _send_all(self, records: list[tuple[str, bytes, bytes]]) -> list[Any]:
+        """Each record's acknowledgement, or the exception that stands for its failure."""
+        futures: list[asyncio.Future] = []
+        for topic, key, value in records:
+            try:
+                futures.append(await self.app.producer.send(topic, key, value, partition=None, timestamp=None,
+                                                            headers=None))
+            except Exception as exc:  # e.g. a metadata timeout: retried like a failed ack
+                failed: asyncio.Future = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                futures.append(failed)
+        return await asyncio.gather(*futures, return_exceptions=True)
 
     async def _publish_stats(self, windows: list[WindowStats]) -> None:
         """Window stats are telemetry, not input records: a failed send is logged, never fatal."""
@@ -258,18 +314,37 @@ class StreamWorker:
         log.info("model_swapped", old_version=old.ref.version, new_version=new.ref.version)
 
     async def _watch_model_updates(self) -> None:
-        """Follows the model-updates topic from its end (no group: every worker sees every update)."""
+        """Follows the model-updates topic from its end (no group: every worker sees every update).
+
+        Order: position the consumer at the end, then re-read the configured package (a registry's
+        CURRENT may have moved between our start-up load and that position: an update published in that
+        gap is not on the topic's unread end), then follow the topic. A broker error restarts the watch
+        after a pause; it must never take the labelling agent down with it.
+        """
         from aiokafka import AIOKafkaConsumer
 
         s = self.settings
-        consumer = AIOKafkaConsumer(s.model_updates_topic, **s.aiokafka_kwargs(), group_id=None,
-                                    auto_offset_reset="latest", metadata_max_age_ms=5000)
-        await consumer.start()
+        while True:
+            consumer = AIOKafkaConsumer(s.model_updates_topic, **s.aiokafka_kwargs(), group_id=None,
+                                        auto_offset_reset="latest", metadata_max_age_ms=5000)
+            try:
+                await consumer.start()
+                await self._load_if_changed(s.model_dir, self._configured_sha256(), version="configured")
+                async for message in consumer:
+                    await self._on_model_update(message.value)
+            except (KafkaError, OSError) as exc:
+                log.warning("model_update_watch_failed", error=repr(exc)[:300])
+                await asyncio.sleep(5.0)
+            finally:
+                await consumer.stop()
+
+    def _configured_sha256(self) -> str | None:
+        """The model.onnx hash the configured package (or registry CURRENT) names now; None if unreadable."""
         try:
-            async for message in consumer:
-                await self._on_model_update(message.value)
-        finally:
-            await consumer.stop()
+            return read_manifest(resolve_package_dir(self.settings.model_dir)).files["model.onnx"]
+        except (PackageError, KeyError) as exc:
+            log.warning("configured_package_unreadable", path=str(self.settings.model_dir), error=repr(exc)[:300])
+            return None
 
     async def _on_model_update(self, value: bytes | None) -> None:
         try:
@@ -277,25 +352,43 @@ class StreamWorker:
         except ValueError as exc:
             log.warning("model_update_invalid", error=str(exc)[:300])
             return
-        current = self.labeler.classifier.ref
-        if update.model.name != current.name or update.model.sha256 == current.sha256:
+        if update.model.name != self.labeler.classifier.ref.name:
+            return
+        await self._load_if_changed(update.path, update.model.sha256, update.model.version)
+
+    async def _load_if_changed(self, path: str | Path, announced_sha256: str | None, version: str) -> None:
+        """Makes the package at ``path`` the next batch's model, unless it is what will run anyway.
+
+        Compared with the *target* (the pending model if one is loaded, else the active one), so that a
+        rollback to the active model cancels a pending swap instead of being ignored.
+        """
+        active = self.labeler.classifier.ref.sha256
+        if announced_sha256 == active:
+            if self.pending_classifier is not None:
+                log.info("model_update_pending_dropped", version=version, reason="back to the active model")
+                self.pending_classifier = None
+            return
+        if announced_sha256 is None:
+            return  # nothing readable to compare with: keep what runs
+        pending = self.pending_classifier
+        if pending is not None and pending.ref.sha256 == announced_sha256:
             return
         loop = asyncio.get_running_loop()
         try:
             # Load and verify (hashes, session build) off the event loop and off the inference thread.
             classifier = await loop.run_in_executor(
-                self.loader, lambda: Classifier.load(update.path, intra_op_threads=self.settings.intra_op_threads))
+                self.loader, lambda: Classifier.load(path, intra_op_threads=self.settings.intra_op_threads))
         except Exception as exc:  # a bad package must never stop the worker
             metrics.MODEL_RELOADS.labels(result="refused").inc()
-            log.error("model_update_refused", path=update.path, version=update.model.version, error=repr(exc)[:300])
+            log.error("model_update_refused", path=str(path), version=version, error=repr(exc)[:300])
             return
-        if classifier.ref.sha256 != update.model.sha256:
+        if classifier.ref.sha256 != announced_sha256:
             metrics.MODEL_RELOADS.labels(result="refused").inc()
-            log.error("model_update_hash_mismatch", path=update.path, announced=update.model.sha256[:12],
+            log.error("model_update_hash_mismatch", path=str(path), announced=announced_sha256[:12],
                       loaded=classifier.ref.sha256[:12])
             return
         self.pending_classifier = classifier
-        log.info("model_update_loaded", version=update.model.version, path=update.path)
+        log.info("model_update_loaded", version=classifier.ref.version, path=str(path))
 
     def _observe_lag(self, events: Sequence[faust.EventT]) -> None:
         """Records behind the partition end after this batch, per input partition (cheap: cached highwater)."""
@@ -309,10 +402,12 @@ class StreamWorker:
                 metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(
                     max(highwater - offset - 1, 0))
 
-    def _observe(self, outputs: list[tuple[str | None, LabeledEvent | DeadLetter]], result: BatchResult) -> None:
-        labeled = [o for _, o in outputs if isinstance(o, LabeledEvent)]
+    def _observe(self, outputs: list[Output], result: BatchResult) -> None:
+        # From the events, not the model's arrays: an output can have become a dead letter after labelling.
+        labeled = [o.event for o in outputs if isinstance(o.event, LabeledEvent)]
         end_to_end = np.array([o.latency_ms / 1000 for o in labeled], dtype=np.float64)
-        metrics.observe_batch([o for _, o in outputs], result.confidences,
+        confidences = np.array([o.confidence for o in labeled], dtype=np.float64)
+        metrics.observe_batch([o.event for o in outputs], confidences,
                               [o.predicted_label for o in labeled], result.inference_seconds, end_to_end)
 
 

@@ -3,7 +3,8 @@
 Contract: ``decode_record`` never raises. Every record becomes exactly one ``Decoded`` (a request to
 label) or one ``DeadLetter`` carrying an error code from ``schemas.ErrorCode``. The order of checks is
 the order of the codes a producer would want to see first: size, tombstone, encoding, JSON, schema,
-empty text, text length.
+empty text, text length. A failure none of those checks foresaw becomes ``internal_error`` for that record
+alone: one strange record must never stop the partition behind it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from datetime import datetime
 from pydantic import ValidationError
 
 from schemas import DeadLetter, DeadLetterError, DeadLetterSource, ErrorCode, SentimentRequest, SourceRef
+from schemas.events import MAX_ID_CHARS
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,13 @@ def dead_letter(meta: RecordMeta, code: ErrorCode, message: str, raw: bytes | No
 
 
 def decode_record(value: bytes | None, meta: RecordMeta, limits: DecodeLimits, now: datetime) -> Decoded | DeadLetter:
+    try:
+        return _decode(value, meta, limits, now)
+    except Exception as exc:  # the contract: one record, one outcome, never a crash
+        return dead_letter(meta, "internal_error", f"could not decode this record: {exc!r}"[:500], value, limits)
+
+
+def _decode(value: bytes | None, meta: RecordMeta, limits: DecodeLimits, now: datetime) -> Decoded | DeadLetter:
     if value is None:
         return dead_letter(meta, "tombstone", "record value is null (tombstone); nothing to label", None, limits)
     if len(value) > limits.max_message_bytes:
@@ -108,10 +117,15 @@ def decode_record(value: bytes | None, meta: RecordMeta, limits: DecodeLimits, n
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         return dead_letter(meta, "invalid_json", f"value is not JSON: {exc.msg} at {where}", value, limits)
+    except (ValueError, RecursionError) as exc:
+        # Valid JSON syntax that Python refuses: integers over 4,300 digits, nesting past the stack.
+        return dead_letter(meta, "invalid_json", f"value is not usable JSON: {exc.__class__.__name__}", value, limits)
     if not isinstance(payload, dict):
         return dead_letter(meta, "schema_violation", f"value must be a JSON object, got {type(payload).__name__}",
                            value, limits)
-    request_id = payload.get("id") if isinstance(payload.get("id"), str) else None
+    raw_id = payload.get("id")
+    # Only an id that is valid is echoed: the dead letter (and its record key) must stay small.
+    request_id = raw_id if isinstance(raw_id, str) and len(raw_id) <= MAX_ID_CHARS else None
     try:
         request = SentimentRequest.model_validate(payload)
     except ValidationError as exc:

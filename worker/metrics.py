@@ -25,7 +25,9 @@ BATCH_SIZE = Histogram("sentiment_batch_size", "Records per micro-batch.", bucke
 INFERENCE_SECONDS = Histogram("sentiment_inference_seconds", "Model time per micro-batch.", buckets=LATENCY_BUCKETS)
 END_TO_END_SECONDS = Histogram("sentiment_end_to_end_seconds", "Produce (broker timestamp) to labelled, per record.",
                                buckets=LATENCY_BUCKETS)
-BATCH_FAILURES = Counter("sentiment_batch_failures_total", "Batches whose first inference attempt failed.", ["stage"])
+BATCH_FAILURES = Counter("sentiment_batch_failures_total",
+                         "Failed inference attempts: a whole batch (then retried), or one record (dead-lettered).",
+                         ["stage"])
 MODEL_INFO = Gauge("sentiment_model_info", "The model being served (value 1).", ["name", "version", "sha256"])
 MODEL_RELOADS = Counter("sentiment_model_reloads_total", "Hot reloads by result.", ["result"])
 CONSUMER_LAG = Gauge("sentiment_consumer_lag", "Records behind the partition end, per input partition.",

@@ -21,6 +21,7 @@ import numpy as np
 import structlog
 
 from schemas import DeadLetter, LabeledEvent
+from worker import metrics
 from worker.decode import Decoded, DecodeLimits, dead_letter
 from worker.inference import Classifier, Predictions
 from worker.settings import WorkerSettings
@@ -84,6 +85,7 @@ class Labeler:
                 result.retried = attempt > 0
                 return result
             except Exception as exc:
+                metrics.BATCH_FAILURES.labels(stage="batch").inc()
                 log.warning("batch_inference_failed", attempt=attempt + 1, size=len(batch), error=repr(exc))
         return self._isolate(classifier, batch, started)
 
@@ -104,6 +106,7 @@ class Labeler:
                 parts.append(part)
                 outputs.extend(part.outputs)
             except Exception as exc:
+                metrics.BATCH_FAILURES.labels(stage="record").inc()
                 log.error("record_inference_failed", id=item.id, error=repr(exc))
                 outputs.append(dead_letter(item.meta, "inference_error", f"model failed on this record: {exc!r}"[:500],
                                            None, self.limits, item.id))
@@ -120,7 +123,8 @@ class Labeler:
                aspects: list[list], started: datetime) -> BatchResult:
         probs = predictions.probabilities
         labels = classifier.labels
-        threshold = self.threshold
+        # The batch's own classifier, not self.classifier: a reload may have landed since the batch began.
+        threshold = self.threshold_override if self.threshold_override is not None else classifier.manifest.threshold
         predicted = probs.argmax(axis=1)
         confidence = probs[np.arange(len(batch)), predicted]
         uncertain = confidence < threshold

@@ -101,6 +101,9 @@ class WorkerSettings(TopicSettings):
     max_text_chars: int = Field(default=100_000, ge=1)
     max_message_bytes: int = Field(default=1_000_000, ge=1, description="Values larger than this are dead-lettered.")
     dlq_raw_bytes: int = Field(default=4096, ge=0, description="How much of a bad value the dead letter keeps.")
+    max_output_bytes: int = Field(default=1_000_000, ge=10_000, description=(
+        "A labelled event larger than this (a huge metadata echo) is dead-lettered as output_too_large; keep it "
+        "under the broker's message.max.bytes (1,048,588 by default), which would otherwise refuse it forever."))
     echo_text: bool = False
     intra_op_threads: int = Field(default=1, ge=1)
     partitions: int = Field(default=3, ge=1)

@@ -1,0 +1,76 @@
+"""The worker's delivery and reload rules as pure logic: what is re-sent after a partial failure, a send that
+raises, and which model the next batch runs after updates and rollbacks. No broker (fakes for the producer)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiokafka.errors import KafkaTimeoutError
+
+from worker.app import StreamWorker, resend_order
+from worker.inference import Classifier
+from worker.settings import WorkerSettings
+
+
+def test_resend_order_resends_each_failed_keys_suffix_in_input_order() -> None:
+    records = [("out", b"k1", b"a"), ("out", b"k2", b"b"), ("out", b"k1", b"c"), ("out", b"k1", b"d"),
+               ("dlq", b"k1", b"e")]
+    # c failed while d (same key, later) got through: both go again, c first; other keys and topics stay.
+    assert resend_order(records, [2]) == [("out", b"k1", b"c"), ("out", b"k1", b"d")]
+    assert resend_order(records, [0, 1]) == records[:4]
+    assert resend_order(records, [4]) == [("dlq", b"k1", b"e")]
+
+
+@pytest.fixture()
+def stream_worker(tiny_model) -> StreamWorker:
+    return StreamWorker(WorkerSettings(model_dir=tiny_model, absa_enabled=False, metrics_port=0))
+
+
+class FlakyProducer:
+    """Raises on the first send of ``fail_value`` (as aiokafka does on a metadata timeout), then acks."""
+
+    def __init__(self, fail_value: bytes) -> None:
+        self.fail_value = fail_value
+        self.failed = False
+        self.sent: list[bytes] = []
+
+    async def send(self, topic, key, value, **_kwargs):
+        if value == self.fail_value and not self.failed:
+            self.failed = True
+            raise KafkaTimeoutError("metadata not available")
+        self.sent.append(value)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def test_a_send_that_raises_is_retried_not_fatal(stream_worker: StreamWorker) -> None:
+    producer = FlakyProducer(b"b")
+    stream_worker.app.producer = producer
+    records = [("out", b"k1", b"a"), ("out", b"k1", b"b"), ("out", b"k1", b"c")]
+    results = asyncio.run(stream_worker._send_all(records))
+    assert results[0] is None and isinstance(results[1], KafkaTimeoutError) and results[2] is None
+    assert resend_order(records, [1]) == records[1:]  # what _deliver sends next: b, then c again
+    assert asyncio.run(stream_worker._send_all(resend_order(records, [1]))) == [None, None]
+    assert producer.sent == [b"a", b"c", b"b", b"c"]
+
+
+def test_a_rollback_to_the_active_model_cancels_a_pending_swap(stream_worker: StreamWorker, tiny_model,
+                                                               tmp_path_factory) -> None:
+    from training.tiny import build_tiny_package
+
+    challenger_dir = build_tiny_package(tmp_path_factory.mktemp("challenger"), seed=1)
+    challenger = Classifier.load(challenger_dir).ref
+    champion = stream_worker.labeler.classifier.ref
+    assert stream_worker._configured_sha256() == champion.sha256
+
+    asyncio.run(stream_worker._load_if_changed(challenger_dir, challenger.sha256, "v2"))
+    assert stream_worker.pending_classifier is not None
+    assert stream_worker.pending_classifier.ref.sha256 == challenger.sha256
+
+    asyncio.run(stream_worker._load_if_changed(tiny_model, champion.sha256, "v1"))
+    assert stream_worker.pending_classifier is None  # the next batch keeps the champion
+
+    asyncio.run(stream_worker._load_if_changed(challenger_dir, "0" * 64, "v3"))
+    assert stream_worker.pending_classifier is None  # announced hash does not match the files: refused
