@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import shutil
 import sys
 from collections.abc import Sequence
@@ -108,6 +109,7 @@ def package_main(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate, write_report
     from training.export import ParityGate, export_int8
     from training.model import load_model
+    from training.pipeline import CALIBRATION_ROWS
     from training.registry import assemble_package, new_version, publish_to_dir
 
     splits = absa_data.standard_splits()
@@ -117,9 +119,13 @@ def package_main(args: argparse.Namespace) -> int:
     tokenizer_json = Path(_encoder()) / "tokenizer.json"
     model = load_model(Path(args.checkpoint))
     work = Path(args.work_dir)
+    # SmoothQuant activation ranges come from training pairs, never from the dev pairs the gate scores.
+    rng = random.Random(0)
+    calibration = [(e.text, e.aspect) for e in rng.sample(splits.train, min(CALIBRATION_ROWS, len(splits.train)))]
     result = export_int8(model, tokenizer_json, [(e.text, e.aspect) for e in examples], gold.tolist(), LABELS,
                          args.max_length, work / "export",
-                         gate=ParityGate(min_agreement=args.min_agreement, max_accuracy_drop=args.max_drop / 100))
+                         gate=ParityGate(min_agreement=args.min_agreement, max_accuracy_drop=args.max_drop / 100),
+                         calibration_texts=calibration)
     chosen = next(v for v in result.variants if v.name == result.chosen)
     temperature = fit_temperature(result.logits_int8, gold)
     uncalibrated = softmax(result.logits_int8, 1.0)
