@@ -71,7 +71,10 @@ class Labeler:
 
     @property
     def threshold(self) -> float:
-        return self.threshold_override if self.threshold_override is not None else self.classifier.manifest.threshold
+        return self.threshold_for(self.classifier)
+
+    def threshold_for(self, classifier: Classifier) -> float:
+        return self.threshold_override if self.threshold_override is not None else classifier.manifest.threshold
 
     def label(self, batch: Sequence[Decoded]) -> BatchResult:
         classifier = self.classifier  # one model per batch, even if a reload lands meanwhile
@@ -124,7 +127,7 @@ class Labeler:
         probs = predictions.probabilities
         labels = classifier.labels
         # The batch's own classifier, not self.classifier: a reload may have landed since the batch began.
-        threshold = self.threshold_override if self.threshold_override is not None else classifier.manifest.threshold
+        threshold = self.threshold_for(classifier)
         predicted = probs.argmax(axis=1)
         confidence = probs[np.arange(len(batch)), predicted]
         uncertain = confidence < threshold

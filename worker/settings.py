@@ -121,7 +121,6 @@ class WorkerSettings(TopicSettings):
     max_poll_interval_s: float = Field(default=300.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-
     @model_validator(mode="after")
     def _fault_marker_needs_chaos_testing(self) -> WorkerSettings:
         # Whoever sets the environment could otherwise dead-letter chosen records with a marker string.
