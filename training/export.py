@@ -211,8 +211,7 @@ def _ffn_matmuls(path: Path, which: tuple[str, ...] = ("intermediate", "output")
     return names
 
 
-def quantize_variants(fp32_path: Path, out_dir: Path, num_heads: int, hidden_size: int,
-                      smooth_path: Path | None = None) -> dict[str, Path]:
+def quantize_variants(fp32_path: Path, out_dir: Path, smooth_path: Path | None = None) -> dict[str, Path]:
     """Dynamic INT8 variants of ``fp32_path`` (s8 weights, one scale per output channel). A variant that
     fails to build is logged and skipped.
 
@@ -231,7 +230,6 @@ def quantize_variants(fp32_path: Path, out_dir: Path, num_heads: int, hidden_siz
     * ``qint8-word-embeddings-only``: every MatMul fp32 (≈ 55 MB, fp32 speed): the last backstop, chosen
       only when nothing smaller passes (the 3-class tweet model has many more borderline examples).
     """
-    del num_heads, hidden_size  # kept for callers; the fused variant lost on agreement and was dropped
     out_dir.mkdir(parents=True, exist_ok=True)
     variants: dict[str, Path] = {}
     keep_fp32 = _non_word_gathers(fp32_path)
@@ -290,6 +288,25 @@ def _probs(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def choose_variant(results: Sequence[VariantResult], fp32_accuracy: float, gate: ParityGate | None) -> VariantResult:
+    """The variant to ship (``export_int8``'s choice rule, see there); ParityError when none passed the gate.
+    ``r.passed`` was decided against ``gate`` when the variant was scored; ``gate=None`` ignores it."""
+    effective = gate or ParityGate()
+    pool = [r for r in results if r.passed] if gate is not None else list(results)
+    if not pool:
+        detail = "; ".join(f"{r.name}: agreement {r.agreement:.4f}, drop {r.accuracy_drop * 100:.2f} pt"
+                           for r in results)
+        raise ParityError(f"no INT8 variant passes the parity gate ({effective}): {detail}")
+    fastest = min(r.seconds for r in pool)
+    fast = [r for r in pool if r.seconds <= SPEED_TOLERANCE * fastest]
+    # Capped at fp32: a variant that beats the fp32 model on dev does so by chance, and must not push out a
+    # smaller, faster one that is as close to fp32 as the gate asks.
+    top = min(max(r.accuracy for r in fast), fp32_accuracy)
+    # Accuracy differences inside the gate's own tolerance are noise at dev size: take the smallest such model.
+    close = [r for r in fast if r.accuracy >= top - effective.max_accuracy_drop - 1e-12]
+    return min(close, key=lambda r: (r.size_bytes, -r.agreement, r.max_abs_prob_diff))
+
+
 def export_int8(model: SentimentModel, tokenizer_json: Path, dev_texts: Sequence[str], dev_labels: Sequence[int],
                 labels: Sequence[str], max_length: int, work_dir: Path, gate: ParityGate | None = ParityGate(),
                 calibration_texts: Sequence[str] | None = None) -> ExportResult:
@@ -307,9 +324,7 @@ def export_int8(model: SentimentModel, tokenizer_json: Path, dev_texts: Sequence
     if calibration_texts:
         smooth = smoothed_copy(model, calibration_batches(tokenizer_json, calibration_texts, max_length))
         smooth_path = export_onnx(smooth, work_dir / "smooth-fp32" / "model.onnx")
-    cfg = model.encoder.config
-    variants = quantize_variants(fp32_path, work_dir / "int8", cfg.num_attention_heads, cfg.hidden_size,
-                                 smooth_path)
+    variants = quantize_variants(fp32_path, work_dir / "int8", smooth_path)
     if not variants:
         raise ParityError("no INT8 variant could be built")
     gold = np.asarray(dev_labels)
@@ -335,18 +350,6 @@ def export_int8(model: SentimentModel, tokenizer_json: Path, dev_texts: Sequence
         all_logits[name] = logits
         log.info("variant %s: agreement %.4f acc %.4f (fp32 %.4f) %.2fs %s", name, agreement, acc, fp32_acc,
                  seconds, "PASS" if passed else "FAIL")
-    pool = [r for r in results if r.passed] if gate is not None else results
-    if not pool:
-        detail = "; ".join(f"{r.name}: agreement {r.agreement:.4f}, drop {r.accuracy_drop * 100:.2f} pt"
-                           for r in results)
-        raise ParityError(f"no INT8 variant passes the parity gate ({effective}): {detail}")
-    fastest = min(r.seconds for r in pool)
-    fast = [r for r in pool if r.seconds <= SPEED_TOLERANCE * fastest]
-    # Capped at fp32: a variant that beats the fp32 model on dev does so by chance, and must not push out a
-    # smaller, faster one that is as close to fp32 as the gate asks.
-    top = min(max(r.accuracy for r in fast), fp32_acc)
-    # Accuracy differences inside the gate's own tolerance are noise at dev size: take the smallest such model.
-    close = [r for r in fast if r.accuracy >= top - effective.max_accuracy_drop - 1e-12]
-    best = min(close, key=lambda r: (r.size_bytes, -r.agreement, r.max_abs_prob_diff))
+    best = choose_variant(results, fp32_acc, gate)
     return ExportResult(int8_path=Path(best.path), fp32_path=fp32_path, chosen=best.name, fp32_accuracy=fp32_acc,
                         variants=results, logits_fp32=fp32_logits, logits_int8=all_logits[best.name], gate=gate)
