@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -113,6 +114,12 @@ class StreamWorker:
         self.batches_done = 0
         self.app = self._build_app()
 
+    def _data_dir(self) -> Path:
+        """faust's data directory, created here: faust itself makes only the last path component."""
+        path = self.settings.data_dir or Path(tempfile.gettempdir()) / "sentiment-worker" / self.settings.app_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def _build_app(self) -> faust.App:
         s = self.settings
         app = faust.App(
@@ -122,6 +129,7 @@ class StreamWorker:
             broker_client_id=f"{s.kafka_client_id}-{self.worker_id}",
             web_enabled=False,
             store="memory://",
+            datadir=str(self._data_dir()),
             topic_partitions=s.partitions,
             topic_replication_factor=s.replication_factor,
             topic_allow_declare=False,  # ensure_topics() creates everything explicitly before start

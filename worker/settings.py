@@ -87,6 +87,9 @@ class WorkerSettings(TopicSettings):
     """The stream worker (``sentiment worker``)."""
 
     app_id: str = Field(default="sentiment-worker", description="Consumer group id.")
+    data_dir: Path | None = Field(default=None, description=(
+        "faust's data directory. The worker keeps no tables (memory store), but faust still creates one; "
+        "default: <system temp dir>/sentiment-worker/<app_id>, so nothing lands in the working directory."))
     model_dir: Path = DEFAULT_MODEL_DIR
     absa_enabled: bool = Field(default=True, description="Per-aspect sentiment in every event.")
     absa_model_dir: Path = REPO_ROOT / "models" / "absa-en"
