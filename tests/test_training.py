@@ -201,7 +201,8 @@ def test_parity_gate_refuses_a_broken_quantization(tmp_path: Path, monkeypatch: 
     from training import export
     from training.model import model_from_config
 
-    def broken_variants(fp32: Path, out_dir: Path, smooth_path: Path | None = None) -> dict[str, Path]:
+    def broken_variants(fp32: Path, out_dir: Path, smooth_path: Path | None = None,
+                        ranked_ffn: tuple[str, ...] = ()) -> dict[str, Path]:
         import onnx
         from onnx import numpy_helper
 
@@ -222,6 +223,34 @@ def test_parity_gate_refuses_a_broken_quantization(tmp_path: Path, monkeypatch: 
     texts = [t for t, _ in generated(40)]
     with pytest.raises(export.ParityError):
         export.export_int8(model, base_tokenizer_json(), texts, [0] * 40, ["NEGATIVE", "POSITIVE"], 32, tmp_path)
+
+
+def test_partial_fallback_keeps_the_most_sensitive_ffn_matmuls_fp32(tmp_path: Path) -> None:
+    """``rank_ffn_matmuls`` orders every FFN MatMul once; ``top{k}`` leaves exactly the first k unquantized."""
+    import onnx
+
+    from training import export
+    from training.model import model_from_config
+
+    torch.manual_seed(0)
+    model = model_from_config(tiny_config(), 2).eval()
+    texts = [t for t, _ in generated(64)]
+    tokenizer = base_tokenizer_json()
+    fp32 = export.export_onnx(model, tmp_path / "fp32" / "model.onnx")
+    smooth = export.export_onnx(export.smoothed_copy(model, export.calibration_batches(tokenizer, texts, 32)),
+                                tmp_path / "smooth" / "model.onnx")
+    ranked = export.rank_ffn_matmuls(smooth, tokenizer, texts, ["NEGATIVE", "POSITIVE"], 32, tmp_path / "probes")
+    assert sorted(ranked) == sorted(export._ffn_matmuls(smooth)) and len(ranked) == 4  # 2 layers × 2 FFN MatMuls
+    assert not (tmp_path / "probes").exists() or not any((tmp_path / "probes").iterdir())  # probes cleaned up
+    variants = export.quantize_variants(fp32, tmp_path / "int8", smooth, ranked, fallback_counts=(1, 3))
+    assert {"smooth-qint8-fp32-top1", "smooth-qint8-fp32-top3"} <= set(variants)
+
+    def float_matmuls(path: Path) -> set[str]:
+        return {n.name for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul" and n.name in ranked}
+
+    assert float_matmuls(variants["smooth-qint8-per-channel"]) == set()
+    assert float_matmuls(variants["smooth-qint8-fp32-top1"]) == set(ranked[:1])
+    assert float_matmuls(variants["smooth-qint8-fp32-top3"]) == set(ranked[:3])
 
 
 def test_variant_choice_prefers_the_small_model_when_a_bigger_one_beats_fp32_only_by_chance() -> None:

@@ -67,7 +67,8 @@ def train_main(args: argparse.Namespace) -> int:
         base_encoder=_encoder(), out_dir=str(args.work_dir), labels=list(LABELS), max_length=args.max_length,
         batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
         eval_every=args.eval_every, patience=args.patience, selection_metric="accuracy", seed=args.seed,
-        threads=args.threads, progress=True,
+        threads=args.threads, progress=True, warmup_ratio=args.warmup_ratio,
+        init_from=str(args.init_from) if args.init_from else None,
     )
     result = train(config, train_data, dev)
     log.info("best step %d metric %.4f (%d steps, %.0fs)", result.best_step, result.best_metric, result.steps,
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=300)
     t.add_argument("--patience", type=int, default=4)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--warmup-ratio", type=float, default=0.06)
+    t.add_argument("--init-from", type=Path, help="continue fine-tuning from this checkpoint (e.g. runs/absa-en/best)")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--limit", type=int, help="train on at most N pairs (smoke runs)")
     t.add_argument("--dev-limit", type=int, help="select on at most N dev pairs (smoke runs)")

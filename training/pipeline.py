@@ -146,7 +146,11 @@ def package_checkpoint(checkpoint: Path, config: TrainConfig, train_data: Labele
 
     model = load_model(Path(checkpoint))
     best = Path(checkpoint) / "best.json"
-    info = {"config": {k: v for k, v in asdict(config).items() if k not in ("out_dir",)},
+    # The run that wrote the checkpoint left its own config next to it; this command's defaults would
+    # misreport how the shipped weights were trained.
+    run_config = Path(checkpoint).parent / "train_config.json"
+    trained_with = json.loads(run_config.read_text()) if run_config.exists() else asdict(config)
+    info = {"config": {k: v for k, v in trained_with.items() if k not in ("out_dir",)},
             "train_rows": len(train_data), "dev_rows": len(dev_data), "checkpoint": Path(checkpoint).name,
             "checkpoint_eval": json.loads(best.read_text()) if best.exists() else None}
     history = Path(checkpoint).parent / "history.json"  # written by train() next to best/ and last/
