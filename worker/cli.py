@@ -21,6 +21,7 @@ DELEGATED = {
     "train": ("training.cli", "train_main", "Fine-tune, calibrate, export INT8 and package a model."),
     "evaluate": ("training.cli", "evaluate_main", "Evaluation report (report.md, metrics.json, plots)."),
     "drift-check": ("worker.drift_check", "main", "Replay a JSONL file through the drift detector."),
+    "drift-fit": ("training.drift_fit", "main", "Fit a package's label-free accuracy estimator on shifted samples."),
     "drift-monitor": ("worker.drift_monitor", "main", "Run the drift monitor (reads sentiment.stats)."),
     "trainer": ("training.trainer", "main", "Run the retraining service (reads sentiment.retrain-requests)."),
 }

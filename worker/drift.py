@@ -49,7 +49,8 @@ MetricName = Literal["psi_confidence", "label_mix_js", "uncertain_rate", "estima
 Severity = Literal["info", "warning", "critical"]
 METRICS: tuple[MetricName, ...] = ("psi_confidence", "label_mix_js", "uncertain_rate", "estimated_accuracy")
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
-# Label-free accuracy estimate (see AccuracyEstimator): fitted for models/sentiment-en, worker/DRIFT.md.
+# Label-free accuracy estimate (see AccuracyEstimator) for packages without a ``drift_estimator`` entry: the fit
+# of the first sentiment-en package on nine shifted sets (worker/DRIFT.md); `sentiment drift-fit` fits a package.
 DEFAULT_ATC_WEIGHT = 0.0
 DEFAULT_SHIFT_SLOPE = 1.5
 DEFAULT_TRUNCATION_PENALTY = 0.06
@@ -476,8 +477,8 @@ def estimator_parameters(manifest: ModelManifest, cfg: DetectorConfig) -> tuple[
     ``drift_estimator`` entry, else the module default.
 
     A package may carry ``"drift_estimator": {"atc_weight": w, "shift_slope": k, "truncation_penalty": c}``
-    (fitted on labelled shifted data for that model); the defaults were fitted for models/sentiment-en
-    (worker/DRIFT.md).
+    (``sentiment drift-fit``, on labelled shifted data for that model); the defaults were fitted for the first
+    sentiment-en package (worker/DRIFT.md).
     """
     extra = (manifest.model_extra or {}).get("drift_estimator")
     extra = extra if isinstance(extra, dict) else {}
