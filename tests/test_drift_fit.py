@@ -72,10 +72,12 @@ def test_write_stores_the_fit_where_the_detector_reads_it(tiny_model: Path, tmp_
     assert detector.estimator.truncation_penalty == stored["truncation_penalty"]
 
 
-def test_fewer_than_three_domains_is_an_error(tiny_model: Path, tmp_path: Path) -> None:
+def test_unusable_input_is_an_error_not_a_traceback(tiny_model: Path, tmp_path: Path) -> None:
     path = labelled_file(tmp_path / "d.jsonl", ["good film", "bad film"], [1, 0])
     assert main(["--model", str(tiny_model), "--domain", f"a={path}", "--domain", f"b={path}"]) == 1
     unlabelled = tmp_path / "u.jsonl"
     unlabelled.write_text('{"text": "no label here"}\n')
     assert main(["--model", str(tiny_model), "--domain", f"a={path}", "--domain", f"b={path}",
                  "--domain", f"c={unlabelled}"]) == 1
+    assert main(["--model", str(tmp_path / "no-such-package"), "--domain", f"a={path}", "--domain", f"b={path}",
+                 "--domain", f"c={path}"]) == 1

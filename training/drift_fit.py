@@ -14,11 +14,11 @@ Contract:
   * The fit is a grid search for (w, k, c) minimising the mean |estimate − true accuracy| over domains.
     The report also gives each domain's leave-one-domain-out error (refit on the others, predict it):
     that, not the in-sample error, is what to expect on an unseen shift.
-  * ``--write`` stores ``{"atc_weight", "shift_slope", "truncation_penalty", "fitted_on"}`` as
-    ``drift_estimator`` in ``manifest.json`` (an extra key the schema allows; the manifest hashes the other
-    files, not itself) and verifies the package still loads.
+  * ``--write`` stores ``{"atc_weight", "shift_slope", "truncation_penalty", "fitted_on", "mean_abs_error",
+    "loo_mean_abs_error"}`` as ``drift_estimator`` in ``manifest.json`` (an extra key the schema allows;
+    the manifest hashes the other files, not itself) and verifies the package still loads.
   * stdout: one JSON object (per-domain rows, the fit, the leave-one-out errors); ``--markdown`` prints the
-    table instead.
+    table instead. Exit status 1 when the package or a file cannot be used (message on stderr).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.drift import AccuracyEstimator, Reference, WindowSummary
+from worker.drift import AccuracyEstimator, DriftConfigError, Reference, WindowSummary
 from worker.drift_check import label_index, read_records
 from worker.inference import Classifier
-from worker.package import MANIFEST_FILE, verify_package
+from worker.package import MANIFEST_FILE, PackageError, verify_package
 from worker.window_stats import WindowAccumulator
 
 ATC_WEIGHTS = tuple(np.round(np.arange(0.0, 1.0001, 0.1), 2))
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ref = Reference.from_manifest(classifier.manifest)
         windows = [domain_window(classifier, ref, name, path) for name, path in args.domain]
         result = report(classifier, ref, windows)
-    except (DriftFitError, OSError) as exc:
+    except (DriftFitError, DriftConfigError, PackageError, OSError) as exc:
         print(f"drift-fit: {exc}", file=sys.stderr)
         return 1
     if args.write:
