@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from schemas import ModelManifest
 from worker.drift import AccuracyEstimator, DriftConfigError, Reference, WindowSummary
 from worker.drift_check import label_index, read_records
 from worker.inference import Classifier
-from worker.package import MANIFEST_FILE, PackageError, verify_package
+from worker.package import PackageError, read_manifest, save_manifest, verify_package
 from worker.window_stats import WindowAccumulator
 
 ATC_WEIGHTS = tuple(np.round(np.arange(0.0, 1.0001, 0.1), 2))
@@ -166,16 +167,17 @@ def markdown(result: dict) -> str:
 
 
 def write_estimator(package_dir: Path, result: dict) -> None:
-    """Stores the fit as ``drift_estimator`` in the manifest, then reloads the package to verify it."""
-    path = package_dir / MANIFEST_FILE
-    manifest = json.loads(path.read_text())
+    """Stores the fit as ``drift_estimator`` in the manifest (validated by the schema; the hashed files are
+    untouched, so nothing is re-blessed), then verifies the package again."""
+    manifest = read_manifest(package_dir)
     f = result["fit"]
-    manifest["drift_estimator"] = {
+    estimator = {
         "atc_weight": f["atc_weight"], "shift_slope": f["shift_slope"], "truncation_penalty": f["truncation_penalty"],
         "fitted_on": [r["domain"] for r in result["domains"]],
         "mean_abs_error": f["mean_abs_error"], "loo_mean_abs_error": result["loo_mean_abs_error"],
     }
-    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    save_manifest(package_dir, ModelManifest.model_validate({**manifest.model_dump(mode="json"),
+                                                             "drift_estimator": estimator}))
     verify_package(package_dir)
 
 

@@ -81,10 +81,15 @@ def write_manifest(package_dir: Path, manifest: ModelManifest) -> ModelManifest:
         if path.is_file() and path.name != MANIFEST_FILE
     }
     manifest = manifest.model_copy(update={"files": files})
+    save_manifest(package_dir, manifest)
+    return manifest
+
+
+def save_manifest(package_dir: Path, manifest: ModelManifest) -> None:
+    """Writes ``manifest`` as it is (no re-hashing: use it only for fields that describe, never for files)."""
     (package_dir / MANIFEST_FILE).write_text(
         json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
-    return manifest
 
 
 def set_current(model_root: Path, version: str) -> None:
