@@ -35,6 +35,8 @@ ErrorCode = Literal[
     "tombstone",
     "inference_error",
     "output_too_large",
+    "output_rejected",
+    "key_too_large",
     "internal_error",
 ]
 
@@ -44,6 +46,23 @@ MAX_ID_CHARS = 256
 MAX_REQUEST_ASPECTS = 16
 MAX_ASPECT_CHARS = 100
 MAX_METADATA_DEPTH = 16
+# Every key and list item at every level: a 1 MB value of 96k tiny keys decodes to ~14 MiB of Python
+# objects, and a batch holds 64 of them; a cap on the count bounds that, a cap on the bytes does not.
+MAX_METADATA_ITEMS = 1024
+
+
+def item_count(value: Any, limit: int = MAX_METADATA_ITEMS) -> int:
+    """Keys and list items at every level, walked iteratively; stops counting once past ``limit``."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        node = stack.pop()
+        if isinstance(node, dict):
+            count += len(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            count += len(node)
+            stack.extend(node)
+    return count
 
 
 def nesting_depth(value: Any) -> int:
@@ -88,7 +107,8 @@ class SentimentRequest(BaseModel):
     lang: str | None = Field(default=None, max_length=16)
     source: str | None = Field(default=None, max_length=256)
     metadata: dict[str, Any] | None = Field(default=None, description=(
-        f"Passed through to the output untouched; nested at most {MAX_METADATA_DEPTH} levels."))
+        f"Passed through to the output untouched; nested at most {MAX_METADATA_DEPTH} levels, at most "
+        f"{MAX_METADATA_ITEMS} keys and list items in all."))
     ts: datetime | None = None
 
     @field_validator("text", mode="before")
@@ -105,6 +125,8 @@ class SentimentRequest(BaseModel):
         # Deeper values parse but cannot be serialized back out (pydantic stops at ~255 levels).
         if value is not None and nesting_depth(value) > MAX_METADATA_DEPTH:
             raise ValueError(f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
+        if value is not None and item_count(value) > MAX_METADATA_ITEMS:
+            raise ValueError(f"metadata has more than {MAX_METADATA_ITEMS} keys and list items")
         return value
 
     @field_validator("id", mode="before")
@@ -176,11 +198,27 @@ class DeadLetterError(BaseModel):
     message: str
 
 
+class RecordHeader(BaseModel):
+    """One Kafka header of the source record; ``value`` is UTF-8 text or base64 (``encoding``)."""
+
+    key: str
+    value: str | None
+    encoding: Literal["utf-8", "base64"] = "utf-8"
+
+
 class DeadLetterSource(BaseModel):
+    """Where the bad record was, and what a replay needs besides its value: key, headers, timestamp."""
+
     topic: str
     partition: int
     offset: int
-    key: str | None = None
+    key: str | None = Field(default=None, description=(
+        "The record key as text (see key_encoding); also the dead letter's own record key."))
+    key_encoding: Literal["utf-8", "base64", "sha256"] = Field(default="utf-8", description=(
+        "base64: the key was not UTF-8; sha256: the key was over the size limit and only its hash is kept."))
+    timestamp_ms: int | None = Field(default=None, description="The source record's broker timestamp.")
+    headers: list[RecordHeader] = Field(default_factory=list)
+    headers_truncated: bool = False
 
 
 class DeadLetter(_Event):
@@ -188,7 +226,9 @@ class DeadLetter(_Event):
     id: str | None = Field(default=None, description="The request id when it could be read, else None.")
     error: DeadLetterError
     source: DeadLetterSource
-    raw: str | None = Field(default=None, description="The first bytes of the value (see raw_encoding).")
+    raw: str | None = Field(default=None, description=(
+        "The value (its first SENTIMENT_DLQ_RAW_BYTES bytes), as UTF-8 text or base64 (see raw_encoding); "
+        "whole unless raw_truncated, so `sentiment replay` can send it again."))
     raw_encoding: Literal["utf-8", "base64"] = "utf-8"
     raw_truncated: bool = False
     failed_at: datetime = Field(default_factory=utcnow)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from datetime import UTC, datetime
 
@@ -11,7 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import DeadLetter
-from worker.decode import Decoded, DecodeLimits, RecordMeta, decode_key, decode_record
+from worker.decode import (
+    Decoded,
+    DecodeLimits,
+    RecordMeta,
+    dead_letter,
+    decode_key,
+    decode_record,
+    encode_dead_letter,
+    record_meta_for,
+)
 
 LIMITS = DecodeLimits(max_text_chars=100_000, max_message_bytes=1_000_000, dlq_raw_bytes=64)
 META = RecordMeta(topic="in", partition=2, offset=41, key="k1")
@@ -105,8 +115,60 @@ def test_numeric_ids_are_kept_as_strings_and_unkeyed_records_are_keyed_by_id():
 
 
 def test_non_utf8_keys_are_kept_distinct():
-    assert decode_key(b"\xff\x00") == "b64:/wA="
-    assert decode_key(None) is None
+    assert decode_key(b"\xff\x00") == ("b64:/wA=", "base64")
+    assert decode_key(None) == (None, "utf-8")
+
+
+def test_an_oversized_key_is_its_own_error_and_only_its_hash_is_carried():
+    key = b"\x01" * 400_000
+    meta = record_meta_for("in", 0, 5, key, None, None, max_key_bytes=4096)
+    outcome = decode_record(b"not json", meta, LIMITS, NOW)
+    assert isinstance(outcome, DeadLetter) and outcome.error.code == "key_too_large"
+    assert outcome.source.key == "sha256:" + hashlib.sha256(key).hexdigest()
+    assert outcome.source.key_encoding == "sha256"
+    assert len(encode_dead_letter(outcome, 1_000_000)) < 10_000
+
+
+@pytest.mark.parametrize("value", [
+    rb'{"id":"\ud800","text":"x"}',
+    rb'{"id":"a","text":"good \udfff"}',
+    rb'{"id":"a","text":"x","metadata":{"\ud800":1}}',
+    rb'{"id":"a","text":"x","metadata":{"k":["\udbff"]}}',
+])
+def test_lone_surrogate_escapes_are_dead_lettered_and_the_letter_encodes(value):
+    outcome = decode_record(value, RecordMeta("in", 0, 1, None), LIMITS, NOW)
+    assert isinstance(outcome, DeadLetter) and outcome.error.code == "invalid_encoding"
+    payload = json.loads(encode_dead_letter(outcome, 1_000_000))
+    assert payload["raw"] == value.decode()  # the original bytes, replayable
+
+
+def test_a_paired_surrogate_escape_is_a_valid_emoji():
+    outcome = decode_record(rb'{"id":"a","text":"great \ud83d\ude00"}', RecordMeta("in", 0, 1, None), LIMITS, NOW)
+    assert isinstance(outcome, Decoded) and outcome.request.text == "great \U0001f600"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.text(), st.binary(max_size=2000), st.lists(st.tuples(st.text(max_size=20),
+                                                                          st.one_of(st.none(), st.binary()))))
+def test_building_and_encoding_a_dead_letter_never_raises(request_id, message, raw, headers):
+    # st.text() includes lone surrogates: the strings an attacker controls reach every field.
+    meta = record_meta_for("in", 0, 1, raw[:50] or None, 1700000000000, headers, max_key_bytes=64)
+    letter = dead_letter(meta, "schema_violation", message, raw, LIMITS, request_id)
+    payload = encode_dead_letter(letter, 20_000)
+    assert len(payload) <= 20_000
+    assert json.loads(payload)["source"]["offset"] == 1
+
+
+def test_a_dead_letter_keeps_headers_and_timestamp_and_falls_back_to_base64_to_fit():
+    headers = [("trace-id", b"abc"), ("bin", b"\xff\x00")]
+    meta = record_meta_for("in", 0, 1, b"k", 1700000000123, headers, max_key_bytes=64)
+    raw = b"\x01" * 100_000  # valid UTF-8 that JSON-escapes to six bytes a character
+    letter = dead_letter(meta, "invalid_json", "bad", raw, DecodeLimits(100, 1_000_000, 200_000), None)
+    payload = json.loads(encode_dead_letter(letter, 200_000))
+    assert payload["raw_encoding"] == "base64" and base64.b64decode(payload["raw"]) == raw
+    assert payload["source"]["timestamp_ms"] == 1700000000123
+    assert payload["source"]["headers"] == [{"key": "trace-id", "value": "abc", "encoding": "utf-8"},
+                                            {"key": "bin", "value": "/wA=", "encoding": "base64"}]
 
 
 @settings(max_examples=300, deadline=None)

@@ -18,9 +18,10 @@ def test_resend_order_resends_each_failed_keys_suffix_in_input_order() -> None:
     records = [("out", b"k1", b"a"), ("out", b"k2", b"b"), ("out", b"k1", b"c"), ("out", b"k1", b"d"),
                ("dlq", b"k1", b"e")]
     # c failed while d (same key, later) got through: both go again, c first; other keys and topics stay.
-    assert resend_order(records, [2]) == [("out", b"k1", b"c"), ("out", b"k1", b"d")]
-    assert resend_order(records, [0, 1]) == records[:4]
-    assert resend_order(records, [4]) == [("dlq", b"k1", b"e")]
+    ids = [10, 11, 12, 13, 14]
+    assert resend_order(records, [2], ids) == [12, 13]
+    assert resend_order(records, [0, 1], ids) == ids[:4]
+    assert resend_order(records, [4], ids) == [14]
 
 
 @pytest.fixture()

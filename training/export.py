@@ -30,6 +30,7 @@ from torch import nn
 from schemas import ModelManifest
 from training.model import SentimentModel, model_from_config
 from worker.inference import Classifier
+from worker.package import LoadedPackage
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,8 @@ def candidate_classifier(model_path: Path, tokenizer_json: Path, labels: Sequenc
         shutil.copyfile(tokenizer_json, package / "tokenizer.json")
     manifest = ModelManifest(name="candidate", version="0", labels=list(labels), max_length=max_length,
                              files={"model.onnx": "-", "tokenizer.json": "-"})
-    return Classifier(package, manifest, intra_op_threads=threads)
+    files = {"model.onnx": model_path.read_bytes(), "tokenizer.json": (package / "tokenizer.json").read_bytes()}
+    return Classifier(LoadedPackage(package, manifest, files, signed=False), intra_op_threads=threads)
 
 
 def onnx_logits(model_path: Path, tokenizer_json: Path, texts: Sequence[str], labels: Sequence[str],

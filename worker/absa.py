@@ -39,6 +39,7 @@ from typing import Literal
 import numpy as np
 
 from schemas import AspectSentiment
+from schemas.events import MAX_ASPECT_CHARS
 from worker.absa_models import SentenceEmbedder, TokenTagger
 from worker.inference import Classifier, decide
 
@@ -189,19 +190,33 @@ def clauses(text: str, min_words: int = 2) -> list[tuple[int, int]]:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+# The most characters one (text, aspect) pair reads: well past what 128 tokens cover in any real sentence, so
+# the model sees what it did before the bound, while the tokenizer's work per aspect stays fixed.
+MAX_PAIR_CHARS = 1024
 
 
-def sentence_window(text: str, span: tuple[int, int] | None, window_chars: int) -> str:
-    """The sentence(s) of ``text`` that overlap ``span`` when ``text`` is longer than ``window_chars``."""
-    if span is None or len(text) <= window_chars:
+def sentence_window(text: str, span: tuple[int, int] | None, window_chars: int,
+                    max_chars: int = MAX_PAIR_CHARS) -> str:
+    """What an aspect is classified against: the whole text when it is short (``window_chars``), else the
+    sentence(s) that overlap ``span``; never more than ``max_chars`` characters. Without a span (an aspect
+    not in the text) that is the text's opening; with one, a ``max_chars`` window centred on the span when
+    its sentence is longer (a text without sentence breaks once cost one whole-text pass per aspect)."""
+    if len(text) <= window_chars:
         return text
+    if span is None:
+        return text[:max_chars]
     start, end = 0, len(text)
-    for m in _SENTENCE_END.finditer(text):
+    for m in _SENTENCE_END.finditer(text, max(span[0] - max_chars, 0), min(span[1] + max_chars, len(text))):
         if m.end() <= span[0]:
             start = m.end()
         elif m.start() >= span[1]:
             end = m.start()
             break
+    start, end = max(start, span[0] - max_chars), min(end, span[1] + max_chars)
+    if end - start > max_chars:
+        middle = (span[0] + span[1]) // 2
+        start = max(start, min(middle - max_chars // 2, end - max_chars))
+        end = start + max_chars
     return text[start:end]
 
 
@@ -209,6 +224,11 @@ def is_negated(text: str, span: tuple[int, int] | None) -> bool:
     """A negation cue in the term's clause: within three words before the term, or after it."""
     if span is None:
         return False
+    # Only the neighbourhood is split into clauses: per aspect, splitting a 100,000-character text was the
+    # stage's largest CPU cost. A clause longer than MAX_PAIR_CHARS is cut at that distance from the term.
+    offset = max(span[0] - MAX_PAIR_CHARS, 0)
+    text = text[offset: span[1] + MAX_PAIR_CHARS]
+    span = (span[0] - offset, span[1] - offset)
     clause = next(((s, e) for s, e in clauses(text, min_words=1) if s <= span[0] < e), (0, len(text)))
     before = text[clause[0]:span[0]]
     window = " ".join(before.split()[-3:])
@@ -269,6 +289,20 @@ class AspectStage:
                         tagger_dir=p.tagger_dir if (p.tagger_dir / "manifest.json").exists() else None,
                         embedder_dir=p.embedder_dir if (p.embedder_dir / "manifest.json").exists() else None,
                         intra_op_threads=intra_op_threads, detect=detect)
+
+    def token_cost(self, text: str, asked: Sequence[str] | None) -> int:
+        """Most model tokens ``analyze`` can spend on one text: a pair pass per requested aspect, and when it
+        detects, the tagger pass, the embedder's clauses and a pair pass per detected aspect. Each pass is at
+        most its model's max_length, and at most one token per character (plus specials)."""
+        pair = min(self.classifier.max_length, min(len(text), MAX_PAIR_CHARS) + MAX_ASPECT_CHARS + 3)
+        cost = len(asked or ()) * pair
+        if self.detect == "always" or (self.detect == "auto" and not asked):
+            cost += self.max_aspects * pair
+            if self.tagger is not None:
+                cost += min(self.tagger.encoder.max_length, len(text) + 2)
+            if self.embedder is not None:
+                cost += self.max_clauses * min(self.embedder.encoder.max_length, len(text) + 2)
+        return cost
 
     def __call__(self, batch: Sequence) -> list[list[AspectSentiment]]:
         """The worker's hook: ``batch`` holds ``worker.decode.Decoded`` items (``.request.text/.aspects``)."""

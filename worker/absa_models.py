@@ -20,7 +20,7 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from schemas import ModelManifest
-from worker.inference import DEFAULT_TOKEN_BUDGET, plan_sub_batches, session_options
+from worker.inference import DEFAULT_TOKEN_BUDGET, bounded_text, plan_sub_batches, session_options
 from worker.package import PackageError, resolve_package_dir, verify_package
 
 BIO_LABELS = ["O", "B-ASP", "I-ASP"]
@@ -43,7 +43,8 @@ class _OnnxEncoder:
         self.input_names = {i.name for i in self.session.get_inputs()}
 
     def encode(self, texts: Sequence[str]) -> list[Encoding]:
-        return self.tokenizer.encode_batch(list(texts))
+        # Cut before tokenising: offsets stay valid (a prefix), and a 100k-character text costs no more.
+        return self.tokenizer.encode_batch([bounded_text(t, self.max_length) for t in texts])
 
     def run(self, encodings: list[Encoding]) -> list[np.ndarray]:
         """The model output row of each encoding, in input order (token outputs cut to the row's length)."""

@@ -4,11 +4,24 @@ Per batch, in this order (the delivery rule; see also ``process_batch``):
 
   1. take up to ``batch_size`` events, or whatever arrived within ``batch_max_wait_ms``;
   2. decode and validate each record (bad ones become dead letters);
-  3. label the valid ones in a worker thread (the event loop keeps heart-beating meanwhile);
-  4. send every output (labelled, uncertain, dead letter) and wait until the broker acknowledges all;
-  5. only then ack the batch's events and commit their offsets.
+  3. cut the batch, in input order, into steps within ``batch_token_budget`` model tokens
+     (``pipeline.plan_steps`` over ``Labeler.token_cost``); then per step:
+  4. label the step's valid records in a worker thread (the event loop keeps heart-beating meanwhile);
+  5. send every output (labelled, uncertain, dead letter) and wait until the broker acknowledges all;
+  6. only then ack the step's events and commit their offsets.
 
-A failure in step 4 is retried by re-sending; the batch is never acknowledged before its outputs are.
+A failure in step 5 is retried by re-sending; a step is never acknowledged before its outputs are. An
+output the broker refuses for that record alone (too large for the topic, invalid) is replaced by a
+minimal dead letter for that record (``output_rejected``); only failures of the broker as a whole
+(``DeliveryError`` after every retry) stop the worker.
+
+Rebalances: faust waits for unacked events before it gives partitions up. The consumer's rebalance timeout
+is ``batch_deadline_s`` plus the session timeout, so a member finishing a step is never dropped while
+it still produces (two members would then write the same keys); a step that overruns the deadline halves
+the token budget of the batch's remaining steps.
+
+Input is read ``read_committed`` (``worker.faust_transport``): records of aborted transactions are not
+labelled. Model updates are authenticated and checked before they are loaded (``_load_if_changed``).
 Exceptions must not escape the agent body: faust's take_events() acks the buffered events in a
 ``finally`` block, so an escaping exception would commit offsets of records that produced nothing.
 On SIGTERM the in-flight batch is finished (steps 3–5) before the agent is allowed to stop.
@@ -20,6 +33,7 @@ import asyncio
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -29,25 +43,50 @@ from typing import Any, NamedTuple
 import faust
 import numpy as np
 import structlog
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidMessageError,
+    InvalidTimestampError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
 
-from schemas import DeadLetter, LabeledEvent, ModelUpdate, WindowStats
+from schemas import UNCERTAIN, DeadLetter, LabeledEvent, ModelUpdate, WindowStats
 from worker import metrics
-from worker.decode import Decoded, RecordMeta, dead_letter, decode_key, decode_record
+from worker.decode import (
+    Decoded,
+    RecordMeta,
+    dead_letter,
+    decode_record,
+    encode_dead_letter,
+    minimal_dead_letter,
+    record_meta_for,
+)
+from worker.faust_transport import SCHEME
 from worker.inference import Classifier
 from worker.package import PackageError, read_manifest, resolve_package_dir
-from worker.pipeline import BatchResult, build_labeler
+from worker.pipeline import BatchResult, build_labeler, plan_steps
 from worker.settings import WorkerSettings
+from worker.signing import SignatureError, load_public_key
 from worker.topics import ensure_topics
 from worker.window_stats import WindowAccumulator
 
 log = structlog.get_logger(__name__)
 
 SEND_ATTEMPTS = 5
+# Errors the broker (or the client's own size check) gives for one record, not for the connection: sending
+# the same bytes again fails the same way forever, so the record's output is replaced instead.
+RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, InvalidMessageError, CorruptRecordException,
+                 InvalidTimestampError)
 
 
 class DeliveryError(Exception):
     """Outputs of a batch could not be acknowledged by the broker after every retry."""
+
+
+class UpdateRefused(Exception):
+    """A model update that must not be served: outside the registry, unsigned, or not this worker's model."""
 
 
 class Output(NamedTuple):
@@ -58,26 +97,27 @@ class Output(NamedTuple):
     payload: bytes
 
 
-def record_meta(event: faust.EventT) -> RecordMeta:
+def record_meta(event: faust.EventT, max_key_bytes: int) -> RecordMeta:
     message = event.message
     # A broker that has no timestamp reports -1; an absent timestamp is None, not 1969.
     timestamp_ms = int(message.timestamp * 1000) if message.timestamp and message.timestamp > 0 else None
-    return RecordMeta(topic=message.topic, partition=message.partition, offset=message.offset,
-                      key=decode_key(message.key), timestamp_ms=timestamp_ms)
+    return record_meta_for(message.topic, message.partition, message.offset, message.key, timestamp_ms,
+                           message.headers, max_key_bytes)
 
 
-def resend_order(records: list[tuple[str, bytes, bytes]], failed: list[int]) -> list[tuple[str, bytes, bytes]]:
-    """What to send again after a partial failure: per (topic, key), every record from its first failed
-    one on, in order. Re-sending only the failed ones would put them behind later outputs of the same key
-    that did get through; this way the last copy of each id on a key's partition is in input order."""
+def resend_order(records: list[tuple[str, bytes, bytes]], failed: list[int], ids: list[int]) -> list[int]:
+    """What to send again after a partial failure (``records`` were sent, ``ids`` name them): per (topic,
+    key), every record from its first failed one on, in order. Re-sending only the failed ones would put
+    them behind later outputs of the same key that did get through; this way the last copy of each id on a
+    key's partition is in input order."""
     first_failure: dict[tuple[str, bytes], int] = {}
     for index in failed:
         first_failure.setdefault(records[index][:2], index)
-    return [r for i, r in enumerate(records) if i >= first_failure.get(r[:2], len(records))]
+    return [ids[i] for i, r in enumerate(records) if i >= first_failure.get(r[:2], len(records))]
 
 
 def broker_url(bootstrap: str) -> str:
-    return ";".join(f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip())
+    return ";".join(f"{SCHEME}://{host.strip()}" for host in bootstrap.split(",") if host.strip())
 
 
 def faust_credentials(settings: WorkerSettings) -> Any:
@@ -107,6 +147,7 @@ class StreamWorker:
         # Model loads (hot reload) get their own thread so they never queue behind inference.
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self.pending_classifier: Classifier | None = None
+        self.verify_key = load_public_key(settings.verify_key) if settings.verify_key else None
         self.window = WindowAccumulator.for_manifest(
             classifier.manifest, classifier.ref, worker_id=self.worker_id,
             window_count=settings.stats_window_count, window_seconds=settings.stats_window_seconds,
@@ -136,7 +177,7 @@ class StreamWorker:
             consumer_auto_offset_reset="earliest",
             broker_session_timeout=s.session_timeout_s,
             broker_heartbeat_interval=s.heartbeat_interval_s,
-            broker_rebalance_timeout=s.session_timeout_s,
+            broker_rebalance_timeout=s.rebalance_timeout_s,
             broker_max_poll_interval=s.max_poll_interval_s,
             broker_commit_interval=1.0,
             producer_acks=-1,
@@ -183,23 +224,23 @@ class StreamWorker:
         metrics.set_model(self.labeler.classifier.ref)
 
     async def process_batch(self, stream: faust.StreamT, events: Sequence[faust.EventT]) -> None:
-        """Label one micro-batch, deliver its outputs, then ack and commit. Never raises except on cancel."""
+        """Label one micro-batch step by step; deliver, ack and commit each step. Never raises except on cancel."""
         try:
             await self._swap_model_if_pending()
-            decoded, outcomes = self._decode(events)
-            loop = asyncio.get_running_loop()
-            result: BatchResult = await loop.run_in_executor(self.executor, self.labeler.label, decoded)
-            outputs = self._merge(events, decoded, outcomes, result)
-            await self._deliver(outputs)
-            for event in events:
-                await stream.ack(event)
-            await self.app.consumer.commit()
-            self._observe(outputs, result)
-            self._observe_lag(events)
+            decoded, dead = self._decode(events)
+            costs = self._costs(events, decoded, dead)
+            budget = self.settings.batch_token_budget
+            start = 0
+            while start < len(events):
+                end = plan_steps(costs[start:], budget)[0][1] + start
+                elapsed = await self._run_step(stream, events, decoded, dead, start, end)
+                if elapsed > self.settings.batch_deadline_s:
+                    # Split what is left finer: the group must never wait on one step for longer.
+                    budget = max(budget // 2, 1)
+                    metrics.STEP_OVERRUNS.inc()
+                    log.warning("labelling_step_overran", seconds=round(elapsed, 1), next_budget=budget)
+                start = end
             self.batches_done += 1
-            await self._publish_stats(self.window.add_batch(
-                result.predicted_indices, result.confidences, result.uncertain, result.text_lengths,
-                truncated=result.truncated))
         except DeliveryError as exc:
             # Outputs may be partly written; the events stay unacked so the batch is redone after the
             # restart (at-least-once). Crash loudly rather than commit past them.
@@ -211,75 +252,144 @@ class StreamWorker:
             log.critical("batch_failed", error=repr(exc), size=len(events))
             os._exit(70)
 
-    def _decode(self, events: Sequence[faust.EventT]) -> tuple[list[Decoded], dict[int, DeadLetter]]:
+    def _costs(self, events: Sequence[faust.EventT], decoded: dict[int, Decoded],
+               dead: dict[int, DeadLetter]) -> list[int]:
+        """Per event, the most model tokens it can cost (a dead letter costs nothing to label)."""
+        return [0 if i in dead else self.labeler.token_cost(decoded[i]) for i in range(len(events))]
+
+    async def _run_step(self, stream: faust.StreamT, events: Sequence[faust.EventT], decoded: dict[int, Decoded],
+                        dead: dict[int, DeadLetter], start: int, end: int) -> float:
+        """Steps 4–6 for events[start:end]. Returns the seconds the step took."""
+        began = time.monotonic()
+        indices = range(start, end)
+        step = [decoded[i] for i in indices if i in decoded]
+        loop = asyncio.get_running_loop()
+        result: BatchResult = await loop.run_in_executor(self.executor, self.labeler.label, step)
+        outputs = self._merge(events, indices, decoded, dead, result)
+        await self._deliver(outputs)
+        for i in indices:
+            await stream.ack(events[i])
+        await self._commit()
+        self._observe(outputs, result)
+        self._observe_lag([events[i] for i in indices])
+        await self._publish_stats(self.window.add_batch(
+            result.predicted_indices, result.confidences, result.uncertain, result.text_lengths,
+            truncated=result.truncated))
+        return time.monotonic() - began
+
+    async def _commit(self) -> None:
+        """Commits every acked offset. faust lets one commit run at a time and a caller that waited for
+        another (its 1 s timer's, which may have started before our acks) returns False without committing
+        ours; the second call then starts after our acks, so it commits them (or finds them committed)."""
+        if not await self.app.consumer.commit():
+            await self.app.consumer.commit()
+
+    def _decode(self, events: Sequence[faust.EventT]) -> tuple[dict[int, Decoded], dict[int, DeadLetter]]:
+        """Per event index: the decoded request, or its dead letter."""
         now = datetime.now(UTC)
-        decoded: list[Decoded] = []
+        decoded: dict[int, Decoded] = {}
         dead: dict[int, DeadLetter] = {}
         for index, event in enumerate(events):
-            outcome = decode_record(event.message.value, record_meta(event), self.limits, now)
+            meta = record_meta(event, self.limits.max_key_bytes)
+            outcome = decode_record(event.message.value, meta, self.limits, now)
             if isinstance(outcome, DeadLetter):
                 dead[index] = outcome
             else:
-                decoded.append(outcome)
+                decoded[index] = outcome
         return decoded, dead
 
-    def _merge(self, events: Sequence[faust.EventT], decoded: list[Decoded], dead: dict[int, DeadLetter],
-               result: BatchResult) -> list[Output]:
-        """One encoded output per event, in input order, so per-key order on the output topics matches
-        the input. A labelled event that cannot go out as it is (over ``max_output_bytes``, or not
+    def _merge(self, events: Sequence[faust.EventT], indices: range, decoded: dict[int, Decoded],
+               dead: dict[int, DeadLetter], result: BatchResult) -> list[Output]:
+        """One encoded output per event of the step, in input order, so per-key order on the output topics
+        matches the input. A labelled event that cannot go out as it is (over ``max_output_bytes``, or not
         serializable) becomes that record's dead letter instead: the broker would refuse it on every retry."""
-        labeled = iter(zip(decoded, result.outputs, strict=True))
+        labeled = iter(result.outputs)
         merged: list[Output] = []
-        for index, event in enumerate(events):
+        for index in indices:
             if index in dead:
                 letter = dead[index]
-                key = letter.source.key
-                if key is None:
-                    key = letter.id or record_meta(event).default_id
-                merged.append(Output(key, letter, letter.to_json_bytes()))
+                key = letter.source.key if letter.source.key is not None else (
+                    letter.id or f"{letter.source.topic}:{letter.source.partition}:{letter.source.offset}")
+                merged.append(self._letter_output(key, letter))
                 continue
-            item, output = next(labeled)
-            merged.append(self._encoded(item, output, event))
+            merged.append(self._encoded(decoded[index], next(labeled), events[index]))
         return merged
+
+    def _letter_output(self, key: str, letter: DeadLetter) -> Output:
+        return Output(key, letter, encode_dead_letter(letter, self.settings.max_output_bytes))
 
     def _encoded(self, item: Decoded, output: LabeledEvent | DeadLetter, event: faust.EventT) -> Output:
         limit = self.settings.max_output_bytes
+        if isinstance(output, DeadLetter):  # the model failed on this record alone: keep its value to replay
+            letter = dead_letter(item.meta, output.error.code, output.error.message, event.message.value,
+                                 self.limits, item.id)
+            return self._letter_output(item.output_key, letter)
         try:
             payload = output.to_json_bytes()
         except Exception as exc:  # decode-time bounds make this unreachable; stay safe anyway
-            letter = dead_letter(item.meta, "internal_error", f"could not serialize the output: {exc!r}"[:500],
+            letter = dead_letter(item.meta, "internal_error", f"could not serialize the output: {exc!r}",
                                  event.message.value, self.limits, item.id)
-            return Output(item.output_key, letter, letter.to_json_bytes())
+            return self._letter_output(item.output_key, letter)
         if len(payload) <= limit:
             return Output(item.output_key, output, payload)
         letter = dead_letter(item.meta, "output_too_large",
                              f"the labelled event is {len(payload)} bytes; the limit is {limit}",
                              event.message.value, self.limits, item.id)
-        return Output(item.output_key, letter, letter.to_json_bytes())
+        return self._letter_output(item.output_key, letter)
 
     async def _deliver(self, outputs: list[Output]) -> None:
-        """Sends every output and waits for all acknowledgements; re-sends what failed, keeping key order."""
+        """Sends every output and waits for all acknowledgements; re-sends what failed, keeping key order.
+
+        A record the broker refuses on its own (``RECORD_ERRORS``) is replaced by the minimal dead letter of
+        its input record before the re-send; if that too is refused the broker is refusing everything
+        (e.g. the dead-letter topic's limit is below any letter), and after the last attempt this raises.
+        """
         s = self.settings
         records: list[tuple[str, bytes, bytes]] = []
-        for output in outputs:
-            key_bytes = (output.key or "").encode("utf-8")
-            if isinstance(output.event, DeadLetter):
-                records.append((s.dlq_topic, key_bytes, output.payload))
-                continue
-            records.append((s.labeled_topic, key_bytes, output.payload))
-            if output.event.label == "UNCERTAIN":
-                records.append((s.uncertain_topic, key_bytes, output.payload))
-        pending = records
+        origin: list[int] = []  # records[i] carries outputs[origin[i]]
+        for index, output in enumerate(outputs):
+            for topic in self._routes(output):
+                records.append((topic, (output.key or "").encode("utf-8"), output.payload))
+                origin.append(index)
+        pending = list(range(len(records)))
         for attempt in range(1, SEND_ATTEMPTS + 1):
-            results = await self._send_all(pending)
-            failed = [i for i, res in enumerate(results) if isinstance(res, BaseException)]
+            results = await self._send_all([records[i] for i in pending])
+            failed = [k for k, res in enumerate(results) if isinstance(res, BaseException)]
             if not failed:
                 return
+            for k in failed:
+                if isinstance(results[k], RECORD_ERRORS) and records[pending[k]][0] != s.dlq_topic:
+                    records[pending[k]] = self._refused(outputs[origin[pending[k]]], results[k])
             errors = {repr(res) for res in results if isinstance(res, BaseException)}
             log.warning("delivery_retry", attempt=attempt, failed=len(failed), errors=sorted(errors)[:3])
-            pending = resend_order(pending, failed)
-            await asyncio.sleep(min(0.5 * attempt, 2.0))
+            pending = resend_order([records[i] for i in pending], failed, pending)
+            if attempt < SEND_ATTEMPTS and not all(isinstance(results[k], RECORD_ERRORS) for k in failed):
+                await asyncio.sleep(min(0.5 * attempt, 2.0))
         raise DeliveryError(f"{len(pending)} outputs not acknowledged after {SEND_ATTEMPTS} attempts")
+
+    def _routes(self, output: Output) -> list[str]:
+        """The topics one outcome goes to: a dead letter to the DLQ; a labelled event to the labelled topic,
+        and an UNCERTAIN one also to the review queue."""
+        s = self.settings
+        if isinstance(output.event, DeadLetter):
+            return [s.dlq_topic]
+        return [s.labeled_topic, s.uncertain_topic] if output.event.label == UNCERTAIN else [s.labeled_topic]
+
+    def _refused(self, output: Output, error: BaseException) -> tuple[str, bytes, bytes]:
+        """The dead-letter record that replaces an output the broker refused for this record alone."""
+        event = output.event
+        source = event.source
+        if isinstance(event, DeadLetter):
+            letter = event
+        else:
+            letter = DeadLetter(id=event.id, error={"code": "output_rejected", "message": ""},
+                                source={"topic": source.topic, "partition": source.partition,
+                                        "offset": source.offset, "key": output.key})
+        minimal = minimal_dead_letter(letter, "output_rejected",
+                                      f"the broker refused this record's output: {error!r}")
+        metrics.OUTPUTS_REJECTED.inc()
+        log.error("output_rejected", id=minimal.id, error=repr(error)[:300])
+        return self.settings.dlq_topic, (output.key or "").encode("utf-8"), minimal.to_json_bytes()
 
     async def _send_all(self, records: list[tuple[str, bytes, bytes]]) -> list[Any]:
         """Each record's acknowledgement, or the exception that stands for its failure."""
@@ -368,7 +478,12 @@ class StreamWorker:
         """Makes the package at ``path`` the next batch's model, unless it is what will run anyway.
 
         Compared with the *target* (the pending model if one is loaded, else the active one), so that a
-        rollback to the active model cancels a pending swap instead of being ignored.
+        rollback to the active model cancels a pending swap instead of being ignored. Before anything is
+        loaded, ``path`` must lie inside the registry root (``allowed_model_root``, symlinks resolved).
+        Loading reads each served file once, checks its hash and (with ``verify_key``) the manifest's
+        signature, and builds the session from those same bytes; the loaded package must then be this
+        worker's model (``_check_compatible``) and hash to what the update announced. Any refusal keeps
+        the current model serving, and is logged and counted by reason.
         """
         active = self.labeler.classifier.ref.sha256
         if announced_sha256 == active:
@@ -383,20 +498,43 @@ class StreamWorker:
             return
         loop = asyncio.get_running_loop()
         try:
-            # Load and verify (hashes, session build) off the event loop and off the inference thread.
-            classifier = await loop.run_in_executor(
-                self.loader, lambda: Classifier.load(path, intra_op_threads=self.settings.intra_op_threads))
+            target = self._inside_registry(Path(path))
+            # Load and verify (hashes, signature, session build) off the event loop and off the inference thread.
+            classifier = await loop.run_in_executor(self.loader, lambda: Classifier.load(
+                target, intra_op_threads=self.settings.intra_op_threads, public_key=self.verify_key))
+            self._check_compatible(classifier)
+            if classifier.ref.sha256 != announced_sha256:
+                raise UpdateRefused(f"hash_mismatch: announced {announced_sha256[:12]}, loaded "
+                                    f"{classifier.ref.sha256[:12]}")
         except Exception as exc:  # a bad package must never stop the worker
+            reason = _refusal_reason(exc)
             metrics.MODEL_RELOADS.labels(result="refused").inc()
-            log.error("model_update_refused", path=str(path), version=version, error=repr(exc)[:300])
-            return
-        if classifier.ref.sha256 != announced_sha256:
-            metrics.MODEL_RELOADS.labels(result="refused").inc()
-            log.error("model_update_hash_mismatch", path=str(path), announced=announced_sha256[:12],
-                      loaded=classifier.ref.sha256[:12])
+            metrics.MODEL_UPDATES_REFUSED.labels(reason=reason).inc()
+            log.error("model_update_refused", path=str(path)[:300], version=version[:100], reason=reason,
+                      error=repr(exc)[:300])
             return
         self.pending_classifier = classifier
-        log.info("model_update_loaded", version=classifier.ref.version, path=str(path))
+        log.info("model_update_loaded", version=classifier.ref.version, path=str(path), signed=classifier.signed)
+
+    def _inside_registry(self, path: Path) -> Path:
+        root = self.settings.allowed_model_root
+        resolved = resolve_package_dir(path.resolve()).resolve()
+        if not resolved.is_relative_to(root):
+            raise UpdateRefused(f"outside_registry: {resolved} is not under {root}")
+        return resolved
+
+    def _check_compatible(self, classifier: Classifier) -> None:
+        """The update must be the model this worker serves: same name, task, labels and ONNX interface.
+        A tagger package has other outputs, an ABSA package other labels: both once loaded 'successfully'."""
+        served, new = self.labeler.classifier.manifest, classifier.manifest
+        for field in ("name", "task", "labels", "onnx_output"):
+            if getattr(new, field) != getattr(served, field):
+                raise UpdateRefused(f"incompatible: {field} is {getattr(new, field)!r}, "
+                                    f"the worker serves {getattr(served, field)!r}")
+        if new.onnx_output not in classifier.output_names:
+            raise UpdateRefused(f"incompatible: the graph has no output {new.onnx_output!r}")
+        if not {"input_ids", "attention_mask"} <= classifier.input_names:
+            raise UpdateRefused(f"incompatible: the graph's inputs are {sorted(classifier.input_names)}")
 
     def _observe_lag(self, events: Sequence[faust.EventT]) -> None:
         """Records behind the partition end after this batch, per input partition (cheap: cached highwater)."""
@@ -417,6 +555,17 @@ class StreamWorker:
         confidences = np.array([o.confidence for o in labeled], dtype=np.float64)
         metrics.observe_batch([o.event for o in outputs], confidences,
                               [o.predicted_label for o in labeled], result.inference_seconds, end_to_end)
+
+
+def _refusal_reason(exc: Exception) -> str:
+    """The metric label for a refused update: a small fixed set, never the message."""
+    if isinstance(exc, UpdateRefused):
+        return str(exc).split(":", 1)[0]
+    if isinstance(exc, SignatureError) or "manifest.sig" in str(exc):
+        return "signature"
+    if isinstance(exc, PackageError):
+        return "package"
+    return "load_failed"
 
 
 def run(settings: WorkerSettings) -> int:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from tokenizers import Encoding, Tokenizer
 
 from schemas import UNCERTAIN, ModelManifest, ModelRef
-from worker.package import resolve_package_dir, verify_package
+from worker.package import LoadedPackage, load_package
 
 # Sub-batch token budget: rows × padded length. Keeps one session call's activations small and its
 # latency predictable; 32 × 128 was the knee of the throughput curve on the 2-core machines.
@@ -30,6 +31,17 @@ DEFAULT_TOKEN_BUDGET = 4096
 # What one extra session call costs, in padded tokens (measured in bench/ANALYSIS.md): it stops the
 # planner below from cutting a batch into many tiny calls to save a few padding tokens.
 CALL_OVERHEAD_TOKENS = 16
+
+# No WordPiece token covers more than 100 characters of a word (longer words become one [UNK]) plus the
+# space before it, so the first ``max_length`` tokens of a text lie in its first ``max_length × 101``
+# characters. Tokenising only those bounds the tokenizer's memory and time per text (a 100,000-character
+# text once cost ~25k Encoding tokens per pass) without changing what the model reads.
+CHARS_PER_TOKEN_BOUND = 101
+
+
+def bounded_text(text: str, max_length: int) -> str:
+    """The part of ``text`` that can reach the model's first ``max_length`` tokens."""
+    return text[: max_length * CHARS_PER_TOKEN_BOUND]
 
 
 @dataclass(frozen=True)
@@ -65,42 +77,58 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
 class Classifier:
     """A loaded, verified model package ready to score texts (or text pairs)."""
 
-    def __init__(self, package_dir: Path, manifest: ModelManifest, intra_op_threads: int = 1,
+    def __init__(self, package: LoadedPackage, intra_op_threads: int = 1,
                  token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
-        self.package_dir = package_dir
-        self.manifest = manifest
+        manifest = package.manifest
+        self.package_dir = package.package_dir
+        self.manifest: ModelManifest = manifest
+        self.signed = package.signed
         self.labels: list[str] = list(manifest.labels)
         self.token_budget = token_budget
-        self.tokenizer = Tokenizer.from_file(str(package_dir / "tokenizer.json"))
+        # Built from the bytes that were hashed (and whose manifest was signature-checked), never re-read.
+        self.tokenizer = Tokenizer.from_str(package.files["tokenizer.json"].decode("utf-8"))
         # The worker pads per sub-batch itself; truncation is ours too, so we can flag it.
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.session = ort.InferenceSession(
-            str(package_dir / "model.onnx"), sess_options=session_options(intra_op_threads),
+            package.files["model.onnx"], sess_options=session_options(intra_op_threads),
             providers=["CPUExecutionProvider"],
         )
         self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.ref = ModelRef(
             name=manifest.name, version=manifest.version, sha256=manifest.files["model.onnx"],
             quantization=manifest.quantization,
         )
 
     @classmethod
-    def load(cls, path: str | Path, intra_op_threads: int = 1, token_budget: int = DEFAULT_TOKEN_BUDGET) -> Classifier:
-        package_dir = resolve_package_dir(path)
-        manifest = verify_package(package_dir)
-        return cls(package_dir, manifest, intra_op_threads=intra_op_threads, token_budget=token_budget)
+    def load(cls, path: str | Path, intra_op_threads: int = 1, token_budget: int = DEFAULT_TOKEN_BUDGET,
+             public_key: Ed25519PublicKey | None = None) -> Classifier:
+        """Verifies (hashes; the signature when ``public_key`` is given) and loads the same bytes."""
+        return cls(load_package(path, public_key), intra_op_threads=intra_op_threads, token_budget=token_budget)
 
     @property
     def max_length(self) -> int:
         return self.manifest.max_length
 
     def predict(self, texts: Sequence[str]) -> Predictions:
-        return self._predict(self.tokenizer.encode_batch(list(texts)))
+        cut = [bounded_text(t, self.max_length) for t in texts]
+        predictions = self._predict(self.tokenizer.encode_batch(cut))
+        return self._flag_cut(predictions, texts, cut)
 
     def predict_pairs(self, texts: Sequence[str], second: Sequence[str]) -> Predictions:
         """Sentence-pair scoring (ABSA: text, aspect); truncation cuts the first sequence only."""
-        return self._predict(self.tokenizer.encode_batch(list(zip(texts, second, strict=True))), pairs=True)
+        cut = [bounded_text(t, self.max_length) for t in texts]
+        predictions = self._predict(self.tokenizer.encode_batch(list(zip(cut, second, strict=True))), pairs=True)
+        return self._flag_cut(predictions, texts, cut)
+
+    @staticmethod
+    def _flag_cut(predictions: Predictions, texts: Sequence[str], cut: Sequence[str]) -> Predictions:
+        # A text cut before tokenising was not read whole, even when what was left fit max_length tokens.
+        for row, (text, kept) in enumerate(zip(texts, cut, strict=True)):
+            if len(kept) < len(text):
+                predictions.truncated[row] = True
+        return predictions
 
     def logits_for(self, encodings: list[Encoding], pairs: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Raw logits and truncation flags for encodings, in input order."""

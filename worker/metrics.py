@@ -21,7 +21,8 @@ MESSAGES = Counter("sentiment_messages_total", "Input records by outcome and lab
 DEAD_LETTERS = Counter("sentiment_dead_letters_total", "Dead-lettered records by error code.", ["code"])
 CONFIDENCE = Histogram("sentiment_confidence", "Calibrated max-probability by predicted label.", ["label"],
                        buckets=CONFIDENCE_BUCKETS)
-BATCH_SIZE = Histogram("sentiment_batch_size", "Records per micro-batch.", buckets=BATCH_SIZE_BUCKETS)
+BATCH_SIZE = Histogram("sentiment_batch_size", "Records per labelling step (a micro-batch, or a token-budget cut "
+                       "of one).", buckets=BATCH_SIZE_BUCKETS)
 INFERENCE_SECONDS = Histogram("sentiment_inference_seconds", "Model time per micro-batch.", buckets=LATENCY_BUCKETS)
 END_TO_END_SECONDS = Histogram("sentiment_end_to_end_seconds", "Produce (broker timestamp) to labelled, per record.",
                                buckets=LATENCY_BUCKETS)
@@ -30,6 +31,13 @@ BATCH_FAILURES = Counter("sentiment_batch_failures_total",
                          ["stage"])
 MODEL_INFO = Gauge("sentiment_model_info", "The model being served (value 1).", ["name", "version", "sha256"])
 MODEL_RELOADS = Counter("sentiment_model_reloads_total", "Hot reloads by result.", ["result"])
+MODEL_UPDATES_REFUSED = Counter(
+    "sentiment_model_updates_refused_total", "Model updates refused, by reason (outside_registry, signature, "
+    "package, incompatible, hash_mismatch, load_failed); the current model keeps serving.", ["reason"])
+OUTPUTS_REJECTED = Counter("sentiment_outputs_rejected_total",
+                           "Outputs the broker refused for that record alone, replaced by a minimal dead letter.")
+STEP_OVERRUNS = Counter("sentiment_step_overruns_total",
+                        "Labelling steps that took longer than SENTIMENT_BATCH_DEADLINE_S (the rest is cut finer).")
 CONSUMER_LAG = Gauge("sentiment_consumer_lag", "Records behind the partition end, per input partition.",
                      ["topic", "partition"])
 

@@ -8,10 +8,16 @@ This is the one inference code path: the stream worker and ``sentiment predict``
   3. a record that fails alone becomes a DeadLetter with code ``inference_error``.
 
 So an exception never loses records and never crashes the worker; it costs at most one batch re-run.
+
+Bounded work: ``token_cost`` is an upper bound, computed from the request before anything is tokenised,
+of the model tokens a record can cost (its document pass plus every aspect pass); ``plan_steps`` cuts a
+batch into contiguous steps within a token budget, and the worker labels, delivers and commits one step
+at a time. So no batch, however hostile its records, holds more than one step's work in memory.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +31,7 @@ from worker import metrics
 from worker.decode import Decoded, DecodeLimits, dead_letter
 from worker.inference import Classifier, Predictions
 from worker.settings import WorkerSettings
+from worker.signing import load_public_key
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +67,7 @@ class Labeler:
     def __init__(self, classifier: Classifier, limits: DecodeLimits, threshold: float | None = None,
                  echo_text: bool = False, retries: int = 1,
                  aspect_stage: Callable[[Sequence[Decoded]], list[list]] | None = None,
-                 fault_marker: str | None = None) -> None:
+                 fault_marker: str | None = None, slow_seconds: float = 0.0) -> None:
         self.classifier = classifier
         self.limits = limits
         self.threshold_override = threshold
@@ -68,6 +75,17 @@ class Labeler:
         self.retries = retries
         self.aspect_stage = aspect_stage
         self.fault_marker = fault_marker
+        # Chaos testing: with slow_seconds, a marked batch is slow instead of failing.
+        self.slow_seconds = slow_seconds
+
+    def token_cost(self, item: Decoded) -> int:
+        """Most model tokens ``item`` can cost: the document pass (at most max_length tokens, and at most one
+        per character plus two specials) plus the aspect stage's own bound for the request."""
+        cost = min(self.classifier.max_length, len(item.request.text) + 2)
+        stage_cost = getattr(self.aspect_stage, "token_cost", None)
+        if stage_cost is not None:
+            cost += stage_cost(item.request.text, item.request.aspects)
+        return cost
 
     @property
     def threshold(self) -> float:
@@ -94,7 +112,10 @@ class Labeler:
 
     def _infer(self, classifier: Classifier, batch: Sequence[Decoded]) -> tuple[Predictions, list[list]]:
         if self.fault_marker and any(self.fault_marker in item.request.text for item in batch):
-            raise InjectedFault(f"fault marker {self.fault_marker!r} in batch")
+            if self.slow_seconds:
+                time.sleep(self.slow_seconds)
+            else:
+                raise InjectedFault(f"fault marker {self.fault_marker!r} in batch")
         predictions = classifier.predict([item.request.text for item in batch])
         aspects = self.aspect_stage(batch) if self.aspect_stage else [[] for _ in batch]
         return predictions, aspects
@@ -164,11 +185,28 @@ class Labeler:
 def build_labeler(settings: WorkerSettings, model_dir: Path | None = None, threads: int | None = None) -> Labeler:
     """The Labeler a process serves with: the stream worker and ``sentiment predict`` both build it here."""
     threads = threads or settings.intra_op_threads
-    classifier = Classifier.load(model_dir or settings.model_dir, intra_op_threads=threads)
-    limits = DecodeLimits(settings.max_text_chars, settings.max_message_bytes, settings.dlq_raw_bytes)
+    public_key = load_public_key(settings.verify_key) if settings.verify_key else None
+    classifier = Classifier.load(model_dir or settings.model_dir, intra_op_threads=threads, public_key=public_key)
+    limits = DecodeLimits(settings.max_text_chars, settings.max_message_bytes, settings.dlq_raw_bytes,
+                          max_key_bytes=settings.max_key_bytes, max_output_bytes=settings.max_output_bytes)
     return Labeler(classifier, limits, threshold=settings.threshold, echo_text=settings.echo_text,
                    retries=settings.inference_retries, fault_marker=settings.fault_marker,
-                   aspect_stage=build_aspect_stage(settings, threads))
+                   slow_seconds=settings.chaos_slow_ms / 1000, aspect_stage=build_aspect_stage(settings, threads))
+
+
+def plan_steps(costs: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) steps in input order, each within ``budget`` (a record over it alone is a step
+    of its own). Input order, not cost order: a step's offsets are committed when it is delivered."""
+    steps: list[tuple[int, int]] = []
+    start, used = 0, 0
+    for index, cost in enumerate(costs):
+        if index > start and used + cost > budget:
+            steps.append((start, index))
+            start, used = index, 0
+        used += cost
+    if start < len(costs):
+        steps.append((start, len(costs)))
+    return steps
 
 
 def build_aspect_stage(settings: WorkerSettings, threads: int) -> Callable[[Sequence[Decoded]], list[list]] | None:

@@ -41,6 +41,18 @@ class KafkaSettings(BaseSettings):
     kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the broker's certificate.")
     kafka_ssl_check_hostname: bool = True
     kafka_client_id: str = "sentiment"
+    kafka_allow_plaintext_password: bool = Field(default=False, description=(
+        "Accept SASL PLAIN over SASL_PLAINTEXT, which sends the password unencrypted; for a local test broker "
+        "only. Without it that combination is refused at start."))
+
+    @model_validator(mode="after")
+    def _no_cleartext_password(self) -> KafkaSettings:
+        # PLAIN sends the password as it is; without TLS anyone on the path reads it. SCRAM does not.
+        if (self.kafka_sasl_mechanism == "PLAIN" and self.kafka_security_protocol == "SASL_PLAINTEXT"
+                and not self.kafka_allow_plaintext_password):
+            raise ValueError("SASL PLAIN over SASL_PLAINTEXT sends the password in clear text: use SASL_SSL, "
+                             "SCRAM-SHA-256/512, or set SENTIMENT_KAFKA_ALLOW_PLAINTEXT_PASSWORD=true")
+        return self
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if "SSL" not in self.kafka_security_protocol:
@@ -98,12 +110,30 @@ class WorkerSettings(TopicSettings):
     aspect_categories: Path | None = REPO_ROOT / "worker" / "aspect_categories.json"
     aspect_tagger_dir: Path | None = REPO_ROOT / "models" / "aspect-tagger-en"
     aspect_embedder_dir: Path | None = REPO_ROOT / "models" / "minilm-embed-en"
+    registry_dir: Path | None = Field(default=None, description=(
+        "Model updates are loaded only from package directories inside this root (after symlinks are "
+        "resolved). Default: the directory that holds the configured model_dir."))
+    verify_key: Path | None = Field(default=None, description=(
+        "Ed25519 public key (PEM). When set, every package (at start and on each model update) must carry a "
+        "manifest.sig that verifies with it; others are refused and the current model keeps serving."))
     threshold: float | None = Field(default=None, ge=0, le=1, description="Overrides the manifest's threshold.")
     batch_size: int = Field(default=64, ge=1, le=4096)
-    batch_max_wait_ms: int = Field(default=50, ge=0, le=60_000)
+    batch_max_wait_ms: int = Field(default=50, ge=1, le=60_000, description=(
+        "How long a partial batch waits for more records. 0 is refused: faust then never closes a partial batch."))
+    batch_token_budget: int = Field(default=8192, ge=256, description=(
+        "Most model tokens one labelling step may cost (document windows plus every aspect pass, counted per "
+        "record before tokenising); a batch over it is labelled and committed in several steps."))
+    batch_deadline_s: float = Field(default=30.0, gt=0, description=(
+        "The longest one labelling step may take; the group's rebalance timeout is set above it so a member "
+        "finishing a step is never dropped while it still produces."))
     max_text_chars: int = Field(default=100_000, ge=1)
+    max_key_bytes: int = Field(default=4096, ge=1, le=1_000_000, description=(
+        "Larger keys are dead-lettered as key_too_large, keyed by the key's sha256 (a dead letter carries the key, "
+        "so an unbounded key made it too large to send)."))
     max_message_bytes: int = Field(default=1_000_000, ge=1, description="Values larger than this are dead-lettered.")
-    dlq_raw_bytes: int = Field(default=4096, ge=0, description="How much of a bad value the dead letter keeps.")
+    dlq_raw_bytes: int = Field(default=524_288, ge=0, description=(
+        "How much of a bad value the dead letter keeps (for `sentiment replay`); a letter that would still not "
+        "fit max_output_bytes carries it as base64, cut, or not at all (raw_truncated says so)."))
     max_output_bytes: int = Field(default=1_000_000, ge=10_000, description=(
         "A labelled event larger than this (a huge metadata echo) is dead-lettered as output_too_large; keep it "
         "under the broker's message.max.bytes (1,048,588 by default), which would otherwise refuse it forever."))
@@ -119,6 +149,9 @@ class WorkerSettings(TopicSettings):
     chaos_testing: bool = Field(default=False, description="Allows fault_marker; never set it in production.")
     fault_marker: str | None = Field(
         default=None, description="Chaos testing only: inference raises on any batch with a text containing this.")
+    chaos_slow_ms: int = Field(default=0, ge=0, description=(
+        "Chaos testing only: every labelling step of a batch with a text containing fault_marker sleeps this "
+        "long instead of failing (a slow batch on demand)."))
     session_timeout_s: float = Field(default=10.0, gt=0)
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     max_poll_interval_s: float = Field(default=300.0, gt=0)
@@ -130,6 +163,20 @@ class WorkerSettings(TopicSettings):
         if self.fault_marker and not self.chaos_testing:
             raise ValueError("SENTIMENT_FAULT_MARKER is only accepted with SENTIMENT_CHAOS_TESTING=true")
         return self
+
+    @property
+    def rebalance_timeout_s(self) -> float:
+        """faust waits for the in-flight step before it gives partitions up; the group must wait longer
+        than the longest step, or it drops a member that is still producing and two workers write one key."""
+        return max(self.session_timeout_s, self.batch_deadline_s + self.session_timeout_s)
+
+    @property
+    def allowed_model_root(self) -> Path:
+        if self.registry_dir is not None:
+            return self.registry_dir.resolve()
+        configured = self.model_dir.resolve()
+        # A registry model dir (<root>/<name> with CURRENT) is itself the root of its versions.
+        return configured if (configured / "CURRENT").exists() else configured.parent
 
 
 SECRET_FIELDS = frozenset({"kafka_sasl_password"})
@@ -165,4 +212,17 @@ class DriftMonitorSettings(TopicSettings):
     retrain_min_severity: Literal["info", "warning", "critical", "off"] = "critical"
     retrain_cooldown_s: float = Field(default=3600.0, ge=0, description="At most one RetrainRequest per this long.")
     drift_metrics_port: int = Field(default=9109, ge=0, le=65535, description="0 disables the Prometheus endpoint.")
+    drift_state_topic: str = Field(
+        default="sentiment.drift-monitor-state", description=(
+            "Compacted topic (1 partition, created if missing) holding the monitor's state snapshot (pools, "
+            "detector hysteresis and cooldown, last retrain, recent alert ids), keyed by drift_group_id; "
+            "written in the same transaction as the alerts and the stats offsets."))
+    drift_state_replication_factor: int = Field(default=1, ge=1, description="Replicas of the state topic, "
+                                                "when the monitor creates it.")
+    drift_session_timeout_ms: int = Field(
+        default=10_000, ge=1000, description=(
+            "The consumer's group session timeout. A new instance waits this long (plus a margin) for the "
+            "member of a killed one to expire, and refuses to start while another instance is alive."))
+    drift_retry_backoff_s: float = Field(
+        default=5.0, ge=0, description="Wait before retrying after a failed transaction (alert, state, offsets).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
