@@ -18,6 +18,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def report(test: str, **measured) -> None:
+    """Appends one JSON line of what a test measured to SENTIMENT_FAULT_REPORT (``make soak`` collects them)."""
+    path = os.environ.get("SENTIMENT_FAULT_REPORT")
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"test": test, **measured}, default=str) + "\n")
 BOOTSTRAP = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '9092')}"
 
 

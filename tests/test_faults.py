@@ -29,7 +29,16 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests import kafka_helpers
-from tests.kafka_helpers import REPO, Record, Topics, WorkerProcess, create_topic, produce_raw, read_all
+from tests.kafka_helpers import (
+    REPO,
+    Record,
+    Topics,
+    WorkerProcess,
+    create_topic,
+    produce_raw,
+    read_all,
+    report,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -50,13 +59,6 @@ TEXTS = [
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def report(test: str, **measured) -> None:
-    path = os.environ.get("SENTIMENT_FAULT_REPORT")
-    if path:
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"test": test, **measured}, default=str) + "\n")
 
 
 def messages(n: int, prefix: str, keys: int = 50) -> list[tuple[bytes, bytes]]:

@@ -18,7 +18,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.kafka_helpers import BOOTSTRAP, Topics, WorkerProcess, create_topic, produce_raw, read_all
+from tests.kafka_helpers import BOOTSTRAP, Topics, WorkerProcess, create_topic, produce_raw, read_all, report
 
 pytestmark = pytest.mark.kafka
 
@@ -130,6 +130,8 @@ def test_hostile_records_each_become_one_output_and_no_worker_exits(topics: Topi
     # Per-key order: on the labelled topic, k1's events come in input order.
     k1 = [r.value["id"] for r in sorted(records, key=lambda r: r.offset) if r.key == "k1" and "error" not in r.value]
     assert k1 == ["before-1", "after-1"]
+    report("hostile_records", inputs=expected, aborted_inputs=5, outputs=len(records), lost=0, worker_exits=0,
+           codes=sorted(set(outcomes.values())))
 
 
 # The stated bound (README "Limits"): the worker with the default ABSA stack, after its worst batch.
@@ -167,6 +169,8 @@ def test_the_worst_absa_batch_is_bounded_in_memory_and_labelled(topics: Topics, 
     asked = [r.value for r in out if r.value["id"].startswith("asked-")]
     assert all([a["aspect"] for a in event["aspects"]] == aspects for event in asked)
     assert peak < PEAK_RSS_BOUND_MB, f"peak RSS {peak:.0f} MiB over the stated {PEAK_RSS_BOUND_MB} MiB"
+    report("worst_absa_batch", inputs=len(records), outputs=len(out), lost=0, peak_rss_mib=round(peak),
+           bound_mib=PEAK_RSS_BOUND_MB)
 
 
 def test_a_20_second_batch_while_a_second_worker_joins_writes_nothing_twice(topics: Topics, tiny_model, tmp_path):
@@ -200,3 +204,4 @@ def test_a_20_second_batch_while_a_second_worker_joins_writes_nothing_twice(topi
         in_output = [int(r.value["id"][2:]) for r in sorted(records, key=lambda r: r.offset)
                      if r.key == key and r.value["id"].startswith("r-")]
         assert in_output == sorted(in_output), f"key {key} out of order"
+    report("slow_batch_while_a_worker_joins", inputs=230, outputs=len(records), lost=0, repeated=0, worker_exits=0)

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.kafka_helpers import REPO, Topics, WorkerProcess, create_topic, produce_raw, read_all
+from tests.kafka_helpers import REPO, Topics, WorkerProcess, create_topic, produce_raw, read_all, report
 
 pytestmark = pytest.mark.kafka
 
@@ -121,6 +121,8 @@ def test_only_signed_compatible_packages_inside_the_registry_are_loaded(topics: 
     before = [by_id[f"r-{i}"]["model"]["sha256"] for i in range(count - 10)]
     assert set(before) == {served[0]}
     assert {by_id[f"r-{i}"]["model"]["sha256"] for i in range(count - 10, count)} == {served[1]}
+    report("forged_model_updates", forged=len(forged), refused=len(refusals), inputs=count, outputs=len(records),
+           lost=0, worker_exits=0)
 
 
 def test_a_worker_with_a_verification_key_refuses_an_unsigned_package_at_start(topics: Topics, tiny_model, tmp_path):

@@ -21,7 +21,7 @@ import pytest
 
 from schemas import Feedback, RetrainRequest
 from tests.generated_text import sentences
-from tests.kafka_helpers import BOOTSTRAP, Topics, produce_raw, read_all
+from tests.kafka_helpers import BOOTSTRAP, Topics, produce_raw, read_all, report
 from tests.trainer_helpers import TrainerProcess
 from worker.package import verify_package
 
@@ -159,6 +159,7 @@ def test_kill9_at_each_promotion_step_converges_after_restart(step, env, labelle
     assert jobs == 1, f"{jobs} jobs ran for one request"
     assert not (registry / MODEL / "PENDING").exists()
     assert not [p for p in (registry / MODEL).iterdir() if p.name.startswith(".staging")]
+    report(f"trainer_kill9_at_{step}", converged=True, jobs=jobs, decisions=len(lines))
 
 
 def test_recovery_abandons_a_promotion_whose_package_was_never_published(tmp_path):

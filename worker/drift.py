@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -551,6 +551,43 @@ class DriftDetector:
         self._last_severity: Severity = "info"
         self._last_metrics: set[str] = set()
         self._episode_severity: Severity | None = None
+
+    STATE_VERSION = 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history that decides the next alert (hysteresis per metric, window index, cooldown, episode),
+        as plain JSON values. ``load_state`` of it on a detector of the same manifest continues exactly here."""
+        return {
+            "v": self.STATE_VERSION, "reference_version": self.reference.version, "index": self._index,
+            "metrics": {m: {"warn_run": st.warn_run, "alarm": st.alarm, "fired": st.fired}
+                        for m, st in self._state.items()},
+            "last_alert": self._last_alert, "last_severity": self._last_severity,
+            "last_metrics": sorted(self._last_metrics), "episode_severity": self._episode_severity,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restores ``state_dict()``. Raises ValueError on a state of another format or another reference, and
+        then leaves the detector as it was."""
+        if state.get("v") != self.STATE_VERSION:
+            raise ValueError(f"detector state version {state.get('v')!r}, expected {self.STATE_VERSION}")
+        if state.get("reference_version") != self.reference.version:
+            raise ValueError(f"detector state of reference {state.get('reference_version')!r}, "
+                             f"not {self.reference.version!r}")
+        try:
+            metrics = {m: _MetricState(warn_run=int(state["metrics"][m]["warn_run"]),
+                                       alarm=bool(state["metrics"][m]["alarm"]),
+                                       fired=bool(state["metrics"][m]["fired"])) for m in METRICS}
+            index = int(state["index"])
+            last_alert = None if state["last_alert"] is None else int(state["last_alert"])
+            last_severity = state["last_severity"]
+            episode = state["episode_severity"]
+            if last_severity not in SEVERITY_RANK or (episode is not None and episode not in SEVERITY_RANK):
+                raise ValueError(f"unknown severity in {last_severity!r}, {episode!r}")
+            last_metrics = {str(m) for m in state["last_metrics"]}
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed detector state: {exc!r}") from exc
+        self._state, self._index, self._last_alert = metrics, index, last_alert
+        self._last_severity, self._last_metrics, self._episode_severity = last_severity, last_metrics, episode
 
     def evaluate(self, stats: WindowStats) -> tuple[dict[str, float], dict[str, float], float]:
         """(statistics, reported values, mean confidence) of one window, without touching the state."""
