@@ -20,7 +20,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 Label = Literal["POSITIVE", "NEGATIVE", "NEUTRAL", "UNCERTAIN"]
 UNCERTAIN: Label = "UNCERTAIN"
@@ -144,10 +144,10 @@ class SentimentRequest(BaseModel):
 class ModelRef(BaseModel):
     """Which model package produced an event."""
 
-    name: str
-    version: str
-    sha256: str = Field(description="sha256 of the package's model.onnx")
-    quantization: str = "int8"
+    name: str = Field(max_length=256)
+    version: str = Field(max_length=256)
+    sha256: str = Field(max_length=128, description="sha256 of the package's model.onnx")
+    quantization: str = Field(default="int8", max_length=256)
 
 
 class SourceRef(BaseModel):
@@ -241,14 +241,22 @@ class WindowStats(_Event):
     """A worker's view of one window of labelled events: what the drift monitor aggregates."""
 
     schema_: Literal["sentiment.stats/v1"] = Field(default="sentiment.stats/v1", alias="schema")
-    worker_id: str
+    worker_id: str = Field(max_length=256)
     model: ModelRef
     window_start: datetime
     window_end: datetime
     n: int
-    bin_edges: list[float] = Field(description="Edges of the confidence histogram, shared by all labels.")
-    confidence_hist: dict[str, list[int]] = Field(description="Per predicted label: counts per bin.")
-    label_counts: dict[str, int] = Field(description="Counts by predicted label (argmax).")
+    bin_edges: list[float] = Field(max_length=1024, description="Edges of the confidence histogram, shared by all "
+                                                             "labels.")
+    confidence_hist: dict[str, list[int]] = Field(max_length=16, description="Per predicted label: counts per bin.")
+    label_counts: dict[str, int] = Field(max_length=16, description="Counts by predicted label (argmax).")
+
+    @model_validator(mode="after")
+    def _histograms_match_their_edges(self) -> WindowStats:
+        # A histogram of another length cannot be merged with its pool; refuse it here, as one bad record.
+        if any(len(counts) != len(self.bin_edges) - 1 for counts in self.confidence_hist.values()):
+            raise ValueError("every confidence_hist row must have len(bin_edges) - 1 counts")
+        return self
     uncertain_count: int
     sum_confidence: float = Field(description="Sum of calibrated max-probabilities: the CBPE numerator.")
     text_length_quantiles: dict[str, float] = Field(description="p10/p50/p90 of text length in characters.")
@@ -300,7 +308,7 @@ class RetrainRequest(_Event):
 class ModelUpdate(_Event):
     schema_: Literal["sentiment.model-updates/v1"] = Field(default="sentiment.model-updates/v1", alias="schema")
     model: ModelRef
-    path: str = Field(description="Package directory the workers load (shared filesystem or volume).")
+    path: str = Field(max_length=4096, description="Package directory the workers load (shared filesystem or volume).")
     previous_version: str | None = None
     request_id: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, RecordTooLargeError
 
 from worker.app import Output, StreamWorker, resend_order
 from worker.decode import DecodeLimits, RecordMeta, dead_letter
@@ -84,3 +84,54 @@ def test_a_rollback_to_the_active_model_cancels_a_pending_swap(stream_worker: St
 
     asyncio.run(stream_worker._load_if_changed(challenger_dir, "0" * 64, "v3"))
     assert stream_worker.pending_classifier is None  # announced hash does not match the files: refused
+
+
+class RefusingProducer:
+    """The broker's view of a topic with a tiny max.message.bytes: records over ``limit`` bytes on ``topics``
+    fail with RecordTooLargeError, everything else is acknowledged."""
+
+    def __init__(self, topics: set[str], limit: int) -> None:
+        self.topics, self.limit = topics, limit
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def send(self, topic, key, value, **_kwargs):
+        done = asyncio.get_running_loop().create_future()
+        if topic in self.topics and len(value) > self.limit:
+            done.set_exception(RecordTooLargeError("too large"))
+        else:
+            self.sent.append((topic, value))
+            done.set_result(None)
+        return done
+
+
+def test_a_refused_uncertain_event_becomes_one_dead_letter_and_a_refused_letter_the_minimal_one(
+        stream_worker: StreamWorker) -> None:
+    import json
+
+    from schemas import LabeledEvent
+
+    s = stream_worker.settings
+    meta = RecordMeta(topic="in", partition=0, offset=7, key="k1")
+    value = json.dumps({"id": "u", "text": "x" * 3000}).encode()
+    event = LabeledEvent.model_validate({
+        "id": "u", "label": "UNCERTAIN", "predicted_label": "POSITIVE", "confidence": 0.5,
+        "probabilities": {"POSITIVE": 0.5, "NEGATIVE": 0.5}, "threshold": 0.9,
+        "model": {"name": "m", "version": "1", "sha256": "0" * 64}, "source": {"topic": "in", "partition": 0,
+                                                                              "offset": 7},
+        "received_at": "2026-01-01T00:00:00Z", "labeled_at": "2026-01-01T00:00:00Z", "latency_ms": 1.0,
+        "metadata": {"blob": "y" * 3000}})
+    producer = RefusingProducer({s.labeled_topic, s.uncertain_topic, s.dlq_topic}, limit=2000)
+    stream_worker.app.producer = producer
+    asyncio.run(stream_worker._deliver([Output("k1", event, event.to_json_bytes(), meta, value, "u")]))
+    # Both copies refused: one output_rejected letter (the replayable one is over the DLQ's limit too, so the
+    # minimal one), never two.
+    assert [topic for topic, _ in producer.sent] == [s.dlq_topic]
+    letter = json.loads(producer.sent[0][1])
+    assert letter["error"]["code"] == "output_rejected" and letter["id"] == "u" and letter["raw"] is None
+
+    producer = RefusingProducer({s.labeled_topic}, limit=2000)
+    stream_worker.app.producer = producer
+    asyncio.run(stream_worker._deliver([Output("k1", event.model_copy(update={"label": "POSITIVE"}),
+                                               event.to_json_bytes(), meta, value, "u")]))
+    letter = json.loads(producer.sent[-1][1])
+    assert letter["raw"] == value.decode() and not letter["raw_truncated"]  # replayable: the whole input

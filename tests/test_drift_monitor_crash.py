@@ -398,3 +398,21 @@ def test_a_window_evaluated_again_gets_the_same_alert_and_request_ids(tmp_path: 
         assert len(alerts) == 1 and request is not None
         ids.append((alerts[0].alert_id, request.request_id))
     assert ids[0] == ids[1]
+
+
+def test_a_stats_record_whose_histogram_does_not_match_its_edges_is_skipped_not_fatal(tmp_path: Path) -> None:
+    """Found in review: a valid-looking WindowStats whose histogram rows have another length than its edges
+    made the pool merge raise outside the per-record guard, and the monitor crash-looped on that offset."""
+    import json as json_
+
+    from worker.drift_monitor import DriftMonitor, _handle_record
+    from worker.settings import DriftMonitorSettings
+
+    settings = DriftMonitorSettings(drift_metrics_port=0, model_dir=tmp_path)
+    monitor = DriftMonitor(settings)
+    bad = {"schema": "sentiment.stats/v1", "worker_id": "w", "model": {"name": "m", "version": "1",
+           "sha256": "0" * 64}, "window_start": "2026-01-01T00:00:00Z", "window_end": "2026-01-01T00:01:00Z",
+           "n": 1, "bin_edges": [0.0, 0.5, 1.0], "confidence_hist": {"POSITIVE": [1, 0, 0, 0]},
+           "label_counts": {"POSITIVE": 1}, "uncertain_count": 0, "sum_confidence": 0.9,
+           "text_length_quantiles": {"p10": 1, "p50": 1, "p90": 1}}
+    assert _handle_record(monitor, settings, settings.stats_topic, json_.dumps(bad).encode()) == []

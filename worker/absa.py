@@ -39,7 +39,6 @@ from typing import Literal
 import numpy as np
 
 from schemas import AspectSentiment
-from schemas.events import MAX_ASPECT_CHARS
 from worker.absa_models import SentenceEmbedder, TokenTagger
 from worker.inference import Classifier, decide
 
@@ -291,17 +290,20 @@ class AspectStage:
                         intra_op_threads=intra_op_threads, detect=detect)
 
     def token_cost(self, text: str, asked: Sequence[str] | None) -> int:
-        """Most model tokens ``analyze`` can spend on one text: a pair pass per requested aspect, and when it
-        detects, the tagger pass, the embedder's clauses and a pair pass per detected aspect. Each pass is at
-        most its model's max_length, and at most one token per character (plus specials)."""
-        pair = min(self.classifier.max_length, min(len(text), MAX_PAIR_CHARS) + MAX_ASPECT_CHARS + 3)
-        cost = len(asked or ()) * pair
+        """Most model tokens ``analyze`` can spend on one text, before anything is tokenised: a pair pass per
+        requested aspect, and when it detects, the tagger pass, the embedder's clauses and a pair pass per
+        detected aspect. A pass is at most its model's max_length tokens and at most one token per character
+        read (plus specials); a pair reads at most MAX_PAIR_CHARS of the text and the query."""
+        limit, read = self.classifier.max_length, min(len(text), MAX_PAIR_CHARS)
+        query_chars = max((len(c.query) for c in self.config.categories), default=0)
+        cost = sum(min(limit, read + max(len(a), query_chars) + 3) for a in asked or ())
         if self.detect == "always" or (self.detect == "auto" and not asked):
-            cost += self.max_aspects * pair
+            # A detected aspect's query is a category's, or a term taken from the text itself.
+            cost += self.max_aspects * min(limit, read + max(read, query_chars) + 3)
             if self.tagger is not None:
                 cost += min(self.tagger.encoder.max_length, len(text) + 2)
             if self.embedder is not None:
-                cost += self.max_clauses * min(self.embedder.encoder.max_length, len(text) + 2)
+                cost += min(self.max_clauses * self.embedder.encoder.max_length, len(text) + 2 * self.max_clauses)
         return cost
 
     def __call__(self, batch: Sequence) -> list[list[AspectSentiment]]:

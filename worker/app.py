@@ -90,11 +90,15 @@ class UpdateRefused(Exception):
 
 
 class Output(NamedTuple):
-    """One input record's outcome, ready to send: its output key, the event, and the event's JSON."""
+    """One input record's outcome, ready to send: its output key, the event, and the event's JSON; plus the
+    input record itself (where it was, its value, its id), to build a dead letter if the broker refuses it."""
 
     key: str | None
     event: LabeledEvent | DeadLetter
     payload: bytes
+    meta: RecordMeta | None = None
+    value: bytes | None = None
+    request_id: str | None = None
 
 
 def record_meta(event: faust.EventT, max_key_bytes: int) -> RecordMeta:
@@ -308,62 +312,80 @@ class StreamWorker:
         for index in indices:
             if index in dead:
                 letter = dead[index]
-                key = letter.source.key if letter.source.key is not None else (
-                    letter.id or f"{letter.source.topic}:{letter.source.partition}:{letter.source.offset}")
-                merged.append(self._letter_output(key, letter))
+                meta = record_meta(events[index], self.limits.max_key_bytes)
+                key = meta.key if meta.key is not None else (letter.id or meta.default_id)
+                merged.append(self._letter_output(key, letter, meta, events[index].message.value))
                 continue
             merged.append(self._encoded(decoded[index], next(labeled), events[index]))
         return merged
 
-    def _letter_output(self, key: str, letter: DeadLetter) -> Output:
-        return Output(key, letter, encode_dead_letter(letter, self.settings.max_output_bytes))
+    def _letter_output(self, key: str, letter: DeadLetter, meta: RecordMeta, value: bytes | None) -> Output:
+        return Output(key, letter, encode_dead_letter(letter, self.settings.max_output_bytes), meta, value,
+                      letter.id)
 
     def _encoded(self, item: Decoded, output: LabeledEvent | DeadLetter, event: faust.EventT) -> Output:
         limit = self.settings.max_output_bytes
         if isinstance(output, DeadLetter):  # the model failed on this record alone: keep its value to replay
             letter = dead_letter(item.meta, output.error.code, output.error.message, event.message.value,
                                  self.limits, item.id)
-            return self._letter_output(item.output_key, letter)
+            return self._letter_output(item.output_key, letter, item.meta, event.message.value)
         try:
             payload = output.to_json_bytes()
         except Exception as exc:  # decode-time bounds make this unreachable; stay safe anyway
             letter = dead_letter(item.meta, "internal_error", f"could not serialize the output: {exc!r}",
                                  event.message.value, self.limits, item.id)
-            return self._letter_output(item.output_key, letter)
+            return self._letter_output(item.output_key, letter, item.meta, event.message.value)
         if len(payload) <= limit:
-            return Output(item.output_key, output, payload)
+            return Output(item.output_key, output, payload, item.meta, event.message.value, item.id)
         letter = dead_letter(item.meta, "output_too_large",
                              f"the labelled event is {len(payload)} bytes; the limit is {limit}",
                              event.message.value, self.limits, item.id)
-        return self._letter_output(item.output_key, letter)
+        return self._letter_output(item.output_key, letter, item.meta, event.message.value)
 
     async def _deliver(self, outputs: list[Output]) -> None:
         """Sends every output and waits for all acknowledgements; re-sends what failed, keeping key order.
 
-        A record the broker refuses on its own (``RECORD_ERRORS``) is replaced by the minimal dead letter of
-        its input record before the re-send; if that too is refused the broker is refusing everything
-        (e.g. the dead-letter topic's limit is below any letter), and after the last attempt this raises.
+        A record the broker refuses on its own (``RECORD_ERRORS``) is replaced before the re-send: a labelled
+        event by its input record's ``output_rejected`` dead letter (value, headers, key: replayable); a dead
+        letter by the minimal one (id and coordinates only). An output is replaced at most twice and only once
+        per round (an UNCERTAIN event's second copy is then dropped), so this ends: if even the minimal letter
+        is refused, the broker refuses everything, and after the last attempt this raises ``DeliveryError``.
         """
-        s = self.settings
         records: list[tuple[str, bytes, bytes]] = []
         origin: list[int] = []  # records[i] carries outputs[origin[i]]
         for index, output in enumerate(outputs):
             for topic in self._routes(output):
                 records.append((topic, (output.key or "").encode("utf-8"), output.payload))
                 origin.append(index)
+        stage = [0] * len(outputs)  # 0: as built; 1: output_rejected letter; 2: minimal letter
         pending = list(range(len(records)))
-        for attempt in range(1, SEND_ATTEMPTS + 1):
-            results = await self._send_all([records[i] for i in pending])
+        # Each replacement can cost a round of its own: two per output at most, so two rounds on top.
+        for attempt in range(1, SEND_ATTEMPTS + 3):
+            sent = [records[i] for i in pending]
+            results = await self._send_all(sent)
             failed = [k for k, res in enumerate(results) if isinstance(res, BaseException)]
             if not failed:
                 return
+            dropped: set[int] = set()
+            replaced_now: set[int] = set()
             for k in failed:
-                if isinstance(results[k], RECORD_ERRORS) and records[pending[k]][0] != s.dlq_topic:
-                    records[pending[k]] = self._refused(outputs[origin[pending[k]]], results[k])
+                record_id, output_index = pending[k], origin[pending[k]]
+                if not isinstance(results[k], RECORD_ERRORS) or stage[output_index] >= 2:
+                    continue
+                if output_index in replaced_now:
+                    dropped.add(record_id)  # the other copy of an output replaced this round
+                    continue
+                replaced_now.add(output_index)
+                stage[output_index] = 2 if isinstance(outputs[output_index].event, DeadLetter) else (
+                    stage[output_index] + 1)
+                records[record_id] = self._refused(outputs[output_index], results[k], stage[output_index] == 2)
+                sent[k] = records[record_id]
             errors = {repr(res) for res in results if isinstance(res, BaseException)}
             log.warning("delivery_retry", attempt=attempt, failed=len(failed), errors=sorted(errors)[:3])
-            pending = resend_order([records[i] for i in pending], failed, pending)
-            if attempt < SEND_ATTEMPTS and not all(isinstance(results[k], RECORD_ERRORS) for k in failed):
+            pending = [i for i in resend_order(sent, failed, pending) if i not in dropped]
+            if not pending:
+                return
+            if not all(isinstance(results[k], RECORD_ERRORS) for k in failed):
                 await asyncio.sleep(min(0.5 * attempt, 2.0))
         raise DeliveryError(f"{len(pending)} outputs not acknowledged after {SEND_ATTEMPTS} attempts")
 
@@ -375,21 +397,18 @@ class StreamWorker:
             return [s.dlq_topic]
         return [s.labeled_topic, s.uncertain_topic] if output.event.label == UNCERTAIN else [s.labeled_topic]
 
-    def _refused(self, output: Output, error: BaseException) -> tuple[str, bytes, bytes]:
+    def _refused(self, output: Output, error: BaseException, minimal: bool) -> tuple[str, bytes, bytes]:
         """The dead-letter record that replaces an output the broker refused for this record alone."""
-        event = output.event
-        source = event.source
-        if isinstance(event, DeadLetter):
-            letter = event
+        message = f"the broker refused this record's output: {error!r}"
+        meta = output.meta or RecordMeta(topic="?", partition=-1, offset=-1, key=output.key)
+        letter = dead_letter(meta, "output_rejected", message, output.value, self.limits, output.request_id)
+        if minimal:
+            payload = minimal_dead_letter(letter, "output_rejected", message).to_json_bytes()
         else:
-            letter = DeadLetter(id=event.id, error={"code": "output_rejected", "message": ""},
-                                source={"topic": source.topic, "partition": source.partition,
-                                        "offset": source.offset, "key": output.key})
-        minimal = minimal_dead_letter(letter, "output_rejected",
-                                      f"the broker refused this record's output: {error!r}")
+            payload = encode_dead_letter(letter, self.settings.max_output_bytes)
         metrics.OUTPUTS_REJECTED.inc()
-        log.error("output_rejected", id=minimal.id, error=repr(error)[:300])
-        return self.settings.dlq_topic, (output.key or "").encode("utf-8"), minimal.to_json_bytes()
+        log.error("output_rejected", id=letter.id, minimal=minimal, error=repr(error)[:300])
+        return self.settings.dlq_topic, (output.key or "").encode("utf-8"), payload
 
     async def _send_all(self, records: list[tuple[str, bytes, bytes]]) -> list[Any]:
         """Each record's acknowledgement, or the exception that stands for its failure."""
@@ -444,7 +463,8 @@ class StreamWorker:
         s = self.settings
         while True:
             consumer = AIOKafkaConsumer(s.model_updates_topic, **s.aiokafka_kwargs(), group_id=None,
-                                        auto_offset_reset="latest", metadata_max_age_ms=5000)
+                                        auto_offset_reset="latest", metadata_max_age_ms=5000,
+                                        isolation_level="read_committed")
             try:
                 await consumer.start()
                 await self._load_if_changed(s.model_dir, self._configured_sha256(), version="configured")
@@ -502,6 +522,8 @@ class StreamWorker:
             # Load and verify (hashes, signature, session build) off the event loop and off the inference thread.
             classifier = await loop.run_in_executor(self.loader, lambda: Classifier.load(
                 target, intra_op_threads=self.settings.intra_op_threads, public_key=self.verify_key))
+            # What was loaded, not only what was asked for: a second CURRENT inside the root could point out.
+            self._inside_registry(classifier.package_dir)
             self._check_compatible(classifier)
             if classifier.ref.sha256 != announced_sha256:
                 raise UpdateRefused(f"hash_mismatch: announced {announced_sha256[:12]}, loaded "

@@ -43,6 +43,8 @@ SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 MAX_DLQ_HEADERS = 32
 MAX_DLQ_HEADER_BYTES = 8192
 MAX_MESSAGE_CHARS = 500
+# What a dead letter keeps of a value too large to ever be replayed (message_too_large).
+DLQ_PREVIEW_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,21 @@ def encode_dead_letter(letter: DeadLetter, max_bytes: int) -> bytes:
             continue
         if len(payload) <= max_bytes:
             return payload
-    # Last resort: fields that are ASCII by construction, so this cannot fail or grow.
-    return minimal_dead_letter(letter, "internal_error", "the dead letter could not be encoded").to_json_bytes()
+    # Last resort: every field bounded and ASCII-safe (the key as its hash), so this cannot fail or grow.
+    last = minimal_dead_letter(letter, "internal_error", "the dead letter could not be encoded")
+    return last.model_copy(update={"source": _hashed_key(last.source)}).to_json_bytes()
+
+
+def _hashed_key(source: DeadLetterSource) -> DeadLetterSource:
+    """The source with its key replaced by the sha256 of the key's bytes (a key of 4 KiB of control characters
+    JSON-escapes to 24 KiB)."""
+    if source.key is None or source.key_encoding == "sha256":
+        return source
+    if source.key_encoding == "base64":
+        raw = base64.b64decode(source.key.removeprefix("b64:"))
+    else:
+        raw = source.key.encode("utf-8", "surrogatepass")
+    return source.model_copy(update={"key": "sha256:" + hashlib.sha256(raw).hexdigest(), "key_encoding": "sha256"})
 
 
 def minimal_dead_letter(letter: DeadLetter, code: ErrorCode, message: str) -> DeadLetter:
@@ -198,6 +213,8 @@ def minimal_dead_letter(letter: DeadLetter, code: ErrorCode, message: str) -> De
 def _smaller_dead_letters(letter: DeadLetter, max_bytes: int) -> Iterable[DeadLetter]:
     yield letter
     if letter.raw is None:
+        yield letter.model_copy(update={"source": _hashed_key(letter.source.model_copy(
+            update={"headers": [], "headers_truncated": bool(letter.source.headers)}))})
         return
     data = letter.raw.encode("utf-8", "surrogatepass") if letter.raw_encoding == "utf-8" else None
     if data is not None:
@@ -211,6 +228,8 @@ def _smaller_dead_letters(letter: DeadLetter, max_bytes: int) -> Iterable[DeadLe
         yield letter.model_copy(update={"raw": as_base64[:room], "raw_encoding": "base64", "raw_truncated": True})
     yield letter.model_copy(update={"raw": None, "raw_truncated": True, "source": letter.source.model_copy(
         update={"headers": [], "headers_truncated": bool(letter.source.headers)})})
+    yield letter.model_copy(update={"raw": None, "raw_truncated": True, "source": _hashed_key(
+        letter.source.model_copy(update={"headers": [], "headers_truncated": bool(letter.source.headers)}))})
 
 
 def decode_record(value: bytes | None, meta: RecordMeta, limits: DecodeLimits, now: datetime) -> Decoded | DeadLetter:
@@ -227,10 +246,11 @@ def _decode(value: bytes | None, meta: RecordMeta, limits: DecodeLimits, now: da
     if value is None:
         return dead_letter(meta, "tombstone", "record value is null (tombstone); nothing to label", None, limits)
     if len(value) > limits.max_message_bytes:
+        # Never replayable whole (over the limit by definition): a preview is all a reader needs.
         return dead_letter(
             meta, "message_too_large", f"value is {len(value)} bytes; the limit is {limits.max_message_bytes}",
-            value, limits,
-        )
+            value[:DLQ_PREVIEW_BYTES], limits,
+        ).model_copy(update={"raw_truncated": True})
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:

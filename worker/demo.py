@@ -27,7 +27,7 @@ async def collect(settings: WorkerSettings, texts: dict[str, str], timeout: floa
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(settings.labeled_topic, settings.dlq_topic, **settings.aiokafka_kwargs(),
-                                group_id=None, auto_offset_reset="earliest")
+                                group_id=None, auto_offset_reset="earliest", isolation_level="read_committed")
     await consumer.start()
     events: list[dict] = []
     deadline = time.monotonic() + timeout

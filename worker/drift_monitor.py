@@ -112,6 +112,7 @@ from worker.window_stats import StatsMergeError, merge_window_stats
 
 log = structlog.get_logger("sentiment.drift_monitor")
 
+MAX_KNOWN_PATHS = 16  # package paths learned from model updates, oldest dropped first
 MAX_DETECTORS = 4  # model versions kept in memory (current, previous, and a couple in flight)
 STATE_VERSION = 1  # format of the state snapshot; another one is refused, never guessed
 SENT_ALERTS_KEPT = 100  # ids of the last alerts sent, kept in the snapshot
@@ -244,6 +245,9 @@ class DriftMonitor:
 
     def note_model_update(self, update: ModelUpdate) -> None:
         """Remembers where a promoted version lives, so its stats can find their manifest."""
+        # Bounded: the snapshot that holds these must stay far under the state topic's record limit.
+        if len(self.known_paths) >= MAX_KNOWN_PATHS:
+            self.known_paths.pop(next(iter(self.known_paths)))
         self.known_paths[(update.model.name, update.model.version)] = Path(update.path)
 
     def candidate_dirs(self, name: str, version: str) -> list[Path]:
@@ -468,7 +472,9 @@ async def _session(settings: DriftMonitorSettings, stop: asyncio.Event, monitor:
         consumer = AIOKafkaConsumer(  # d
             group_id=settings.drift_group_id, enable_auto_commit=False, isolation_level="read_committed",
             auto_offset_reset=settings.drift_auto_offset_reset, session_timeout_ms=settings.drift_session_timeout_ms,
-            heartbeat_interval_ms=max(settings.drift_session_timeout_ms // 3, 300), **kafka,
+            heartbeat_interval_ms=max(settings.drift_session_timeout_ms // 3, 300),
+            # Topics the workers have not created yet are found within seconds, not aiokafka's 5 minutes.
+            metadata_max_age_ms=5000, **kafka,
         )
         await consumer.start()
         try:
@@ -563,10 +569,11 @@ def _handle_record(monitor: DriftMonitor, settings: DriftMonitorSettings, topic:
             monitor.note_model_update(ModelUpdate.model_validate_json(value))
             return []
         return monitor.handle_stats(WindowStats.model_validate_json(value))
-    except ValidationError as exc:
-        # A malformed record must not stop monitoring; it is counted and logged, then skipped.
+    except Exception as exc:
+        # A malformed record (invalid, or valid but unmergeable: histograms that do not match their edges) is
+        # counted and logged, then skipped: re-raising would crash-loop the monitor on the same offset.
         monitor.metrics.stats.labels(result="invalid").inc()
-        log.warning("drift_invalid_record", topic=topic, error=str(exc).splitlines()[0])
+        log.warning("drift_invalid_record", topic=topic, error=(str(exc).splitlines() or [repr(exc)])[0][:300])
         return []
 
 

@@ -11,6 +11,7 @@ Contract:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,21 @@ CALL_OVERHEAD_TOKENS = 16
 CHARS_PER_TOKEN_BOUND = 101
 
 
+LONG_WHITESPACE = re.compile(r"\s{64,}")
+
+
 def bounded_text(text: str, max_length: int) -> str:
     """The part of ``text`` that can reach the model's first ``max_length`` tokens."""
     return text[: max_length * CHARS_PER_TOKEN_BOUND]
+
+
+def folded(text: str, max_length: int) -> str:
+    """For the document pass: long whitespace runs folded to one space when the text is over the bound (the
+    tokenizer reads any run as one separator, so nothing changes for the model). Without it, 20,000 spaces
+    before a complaint hid it. Not for the tagger: its character offsets must index the original text."""
+    if len(text) > max_length * CHARS_PER_TOKEN_BOUND:
+        return LONG_WHITESPACE.sub(" ", text)
+    return text
 
 
 @dataclass(frozen=True)
@@ -112,9 +125,10 @@ class Classifier:
         return self.manifest.max_length
 
     def predict(self, texts: Sequence[str]) -> Predictions:
-        cut = [bounded_text(t, self.max_length) for t in texts]
+        whole = [folded(t, self.max_length) for t in texts]
+        cut = [bounded_text(t, self.max_length) for t in whole]
         predictions = self._predict(self.tokenizer.encode_batch(cut))
-        return self._flag_cut(predictions, texts, cut)
+        return self._flag_cut(predictions, whole, cut)
 
     def predict_pairs(self, texts: Sequence[str], second: Sequence[str]) -> Predictions:
         """Sentence-pair scoring (ABSA: text, aspect); truncation cuts the first sequence only."""

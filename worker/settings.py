@@ -120,7 +120,7 @@ class WorkerSettings(TopicSettings):
     batch_size: int = Field(default=64, ge=1, le=4096)
     batch_max_wait_ms: int = Field(default=50, ge=1, le=60_000, description=(
         "How long a partial batch waits for more records. 0 is refused: faust then never closes a partial batch."))
-    batch_token_budget: int = Field(default=8192, ge=256, description=(
+    batch_token_budget: int = Field(default=32_768, ge=256, description=(
         "Most model tokens one labelling step may cost (document windows plus every aspect pass, counted per "
         "record before tokenising); a batch over it is labelled and committed in several steps."))
     batch_deadline_s: float = Field(default=30.0, gt=0, description=(
@@ -162,6 +162,13 @@ class WorkerSettings(TopicSettings):
         # Whoever sets the environment could otherwise dead-letter chosen records with a marker string.
         if self.fault_marker and not self.chaos_testing:
             raise ValueError("SENTIMENT_FAULT_MARKER is only accepted with SENTIMENT_CHAOS_TESTING=true")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_fit_in_a_dead_letter(self) -> WorkerSettings:
+        # A dead letter carries its key; JSON escapes a control character into six bytes.
+        if self.max_key_bytes * 8 > self.max_output_bytes:
+            raise ValueError("SENTIMENT_MAX_KEY_BYTES must be at most SENTIMENT_MAX_OUTPUT_BYTES / 8")
         return self
 
     @property
