@@ -84,6 +84,7 @@ def test_hostile_records_each_become_one_output_and_no_worker_exits(topics: Topi
         (b"k2", json.dumps({"id": "many-keys", "text": "fine", "metadata": many_keys}).encode(), "schema_violation"),
         (b"k2", request("refused-out", metadata={"blob": "x" * 20_000}), "output_rejected"),
         (b"k1", request("after-1"), "LABELED"),
+        (b"\xed\xa0\x80", request("surrogate-key"), "LABELED"),  # a UTF-8-encoded surrogate: not UTF-8
         (b"k2", request("after-2"), "LABELED"),
     ]
     run(produce_raw(topics.requests, [(key, value) for key, value, _ in cases]))
@@ -126,6 +127,8 @@ def test_hostile_records_each_become_one_output_and_no_worker_exits(topics: Topi
                                             "encoding": "base64"}]
     big_key = letters[4]
     assert big_key.value["source"]["key_encoding"] == "sha256" and len(big_key.key) < 100
+    surrogate_key = next(r for r in records if r.value.get("id") == "surrogate-key")
+    assert surrogate_key.key == "b64:7aCA"
     assert "rejected" in letters[7].value["error"]["message"] or "refused" in letters[7].value["error"]["message"]
     # Per-key order: on the labelled topic, k1's events come in input order.
     k1 = [r.value["id"] for r in sorted(records, key=lambda r: r.offset) if r.key == "k1" and "error" not in r.value]
