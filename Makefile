@@ -8,7 +8,7 @@ export KAFKA_PORT
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install kafka-up kafka-down demo demo-drift test test-fast lint bench soak schemas clean
+.PHONY: install kafka-up kafka-down demo demo-drift test test-fast lint bench soak schemas clean teacher
 
 $(BIN)/sentiment: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ lint: install
 
 schemas: install ## regenerate schemas/json after changing schemas/*.py
 	$(BIN)/python -m schemas.generate
+
+teacher: install ## fetch, hash-check and unpack the 110M teacher encoder into .cache/teacher (training only)
+	$(BIN)/python deploy/teacher/fetch.py
 
 bench: install kafka-up ## throughput/latency benchmark; prints one JSON object last
 	$(BIN)/python -m bench.run
