@@ -159,6 +159,9 @@ def test_kill9_at_each_promotion_step_converges_after_restart(step, env, labelle
     assert jobs == 1, f"{jobs} jobs ran for one request"
     assert not (registry / MODEL / "PENDING").exists()
     assert not [p for p in (registry / MODEL).iterdir() if p.name.startswith(".staging")]
+    # The killed job's scratch directory was removed by the restart (it once leaked into the system temp dir).
+    work = registry / MODEL / ".work"
+    assert not work.exists() or not any(work.iterdir())
     report(f"trainer_kill9_at_{step}", converged=True, jobs=jobs, decisions=len(lines))
 
 

@@ -66,6 +66,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -129,6 +130,12 @@ class TrainerSettings(TopicSettings):
     @property
     def decisions_log(self) -> Path:
         return self.registry_dir / self.model_name / "decisions.jsonl"
+
+    @property
+    def work_root(self) -> Path:
+        """Jobs' scratch space (checkpoints, the challenger before publishing). Inside the registry, not the
+        system temp dir: a job killed with -9 leaves its directory behind, and start-up removes it here."""
+        return self.registry_dir / self.model_name / ".work"
 
     @property
     def promotion_journal(self) -> Path:
@@ -546,6 +553,9 @@ class Trainer:
             # Recovery before consuming: a re-delivered request must find the decision recovery records.
             if await finish_pending(s, producer):
                 self.load_state()
+            # After recovery (which needs only published versions, never a job's scratch): what a killed job
+            # left behind is garbage.
+            shutil.rmtree(s.work_root, ignore_errors=True)
             session_ms = int(s.session_timeout_s * 1000)
             # read_committed: a request written in a transaction that was later aborted must never run.
             consumer = AIOKafkaConsumer(
@@ -602,7 +612,8 @@ class Trainer:
             log.info("retrain request %s dropped: %s", request.request_id, reason)
             return
         self.handled.add(request.request_id)
-        with tempfile.TemporaryDirectory(prefix="retrain-") as work:
+        s.work_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="retrain-", dir=s.work_root) as work:
             challenger: Path | None = None
             try:
                 decision, challenger = await asyncio.get_running_loop().run_in_executor(
