@@ -326,3 +326,52 @@ def test_training_checkpoints_load_with_weights_only(tmp_path):
     result = train(config, data, data)  # resumes from step 2 (weights_only=True inside)
     assert result.steps == 3
     assert np.isfinite(result.best_metric)
+
+
+def test_the_gate_never_scores_on_rows_that_chose_the_challenger(tiny_model, tmp_path, monkeypatch):
+    """Issue 16 ("an honest gate"): the fixed holdout once chose the checkpoint, the INT8 variant, the
+    temperature and the threshold, and then judged champion against challenger on the same rows. Now it is
+    cut three ways; this fails if the gate's rows overlap the rows train() or package_model() saw."""
+    import training.pipeline
+    import training.train
+    from training import trainer as trainer_mod
+    from training.trainer import TrainerSettings, run_job
+
+    holdout = tmp_path / "holdout.jsonl"
+    labels = ("POSITIVE", "NEGATIVE")
+    holdout.write_text("".join(json.dumps({"text": f"holdout text number {i}", "label": labels[i % 2]}) + "\n"
+                               for i in range(300)))
+    base = tmp_path / "base.jsonl"
+    base.write_text("".join(json.dumps({"text": f"base text {i}", "label": "POSITIVE"}) + "\n" for i in range(20)))
+    seen: dict[str, list[str]] = {}
+
+    class Result:
+        best_dir, steps = tmp_path, 1
+
+    def fake_train(config, train_set, dev):
+        seen["select"] = list(dev.texts)
+        return Result()
+
+    def fake_package(model, tokenizer, train_set, dev, work, options, extra):
+        seen["calibrate"] = list(dev.texts)
+        return tiny_model
+
+    def fake_accuracy(package_dir, texts, gold):
+        seen.setdefault("gate", []).extend(texts)
+        return 1.0
+
+    monkeypatch.setattr(training.train, "train", fake_train)
+    monkeypatch.setattr(training.pipeline, "package_model", fake_package)
+    monkeypatch.setattr("training.model.load_model", lambda path: None)
+    monkeypatch.setattr(trainer_mod, "accuracy", fake_accuracy)
+    settings = TrainerSettings(registry_dir=tmp_path / "registry", model_name="tiny-test", champion_dir=tiny_model,
+                               base_train=[str(base)], holdout=holdout, base_encoder=tmp_path)
+    request = RetrainRequest(request_id="gate-1", model_name="tiny-test", reason="test")
+    decision, _ = run_job(settings, request, tmp_path / "work")
+    gate = set(seen["gate"])
+    assert gate and seen["select"] and seen["calibrate"]
+    assert not gate & set(seen["select"]) and not gate & set(seen["calibrate"])
+    assert not set(seen["select"]) & set(seen["calibrate"])
+    assert len(gate) + len(seen["select"]) + len(seen["calibrate"]) == 300
+    assert decision.holdout_split == {"select": len(seen["select"]), "calibrate": len(seen["calibrate"]),
+                                      "gate": len(gate)}

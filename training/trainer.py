@@ -11,8 +11,11 @@ Contract. It consumes two topics in its own consumer group, reading only committ
        ``finished_at``, so the cooldown also survives a restart);
     2. build the training set: the base data (``base_train``, at most ``base_limit`` rows) plus the
        feedback items whose id hashes into the training part;
-    3. fine-tune a challenger from the base encoder and package it (INT8, parity gate, calibration);
-    4. score champion and challenger on the fixed holdout and on the held-out feedback;
+    3. cut the fixed holdout three ways by text hash (``split_holdout``); fine-tune a challenger from the base
+       encoder, choosing its checkpoint on the ``select`` part, and package it (INT8 variant, temperature,
+       threshold) on the ``calibrate`` part;
+    4. score champion and challenger on the holdout's ``gate`` part (rows that chose nothing about the
+       challenger) and on the held-out feedback; ``decisions.jsonl`` records the split (``holdout_split``);
     5. gate: promote only if the challenger is not worse on the holdout (within ``holdout_tolerance``)
        and strictly better on held-out feedback;
     6. promote it (steps P1-P7 below), or else append the decision to ``<registry>/<name>/decisions.jsonl``;
@@ -74,7 +77,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -83,6 +86,9 @@ from schemas import Feedback, ModelRef, ModelUpdate, RetrainRequest
 from training.registry import discard_staging, fsync_dir, point_current, publish_version, write_atomic
 from worker.package import PackageError, resolve_package_dir, verify_package
 from worker.settings import DEFAULT_MODEL_DIR, REPO_ROOT, CommaList, TopicSettings, _split_commas
+
+if TYPE_CHECKING:  # the data module is imported by the job itself, not at service start
+    from training.data import LabeledTexts
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +262,29 @@ class FeedbackStore:
         return list(latest.values())
 
 
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) fixed by ``key``: the same key lands on the same side of every split, always."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32
+
+
 def is_held_out(feedback_id: str, fraction: float) -> bool:
     """A stable split: the same id always lands on the same side, across jobs and restarts."""
-    digest = hashlib.sha256(feedback_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+    return stable_fraction(feedback_id) < fraction
+
+
+HOLDOUT_PARTS = ("select", "calibrate", "gate")
+
+
+def split_holdout(holdout: LabeledTexts) -> dict[str, LabeledTexts]:
+    """The fixed holdout cut three ways by the hash of each text (stable across jobs; duplicates of a text
+    stay together): ``select`` picks the checkpoint, ``calibrate`` the INT8 variant, temperature and
+    threshold, ``gate`` judges champion against challenger. The gate never sees a row that chose anything
+    about the challenger, so it cannot favour it (once the whole holdout did all three)."""
+    parts: dict[str, list[int]] = {name: [] for name in HOLDOUT_PARTS}
+    for index, text in enumerate(holdout.texts):
+        parts[HOLDOUT_PARTS[min(int(stable_fraction("holdout:" + text) * 3), 2)]].append(index)
+    return {name: holdout.subset(rows, f"{holdout.name}[{name}]") for name, rows in parts.items()}
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -276,6 +301,8 @@ class Decision:
     path: str | None = None
     seconds: float = 0.0
     finished_at: str | None = None  # UTC, ISO 8601: restores the cooldown after a restart
+    # Rows of the fixed holdout per use (split_holdout): the gate's rows chose nothing about the challenger.
+    holdout_split: dict[str, int] = field(default_factory=dict)
 
 
 def champion_dir(settings: TrainerSettings) -> Path:
@@ -328,7 +355,8 @@ def run_job(settings: TrainerSettings, request: RetrainRequest, work_root: Path)
     train_set = data_mod.concat([*base, feedback_train]) if base else feedback_train
     if settings.holdout is None:
         raise ValueError("SENTIMENT_HOLDOUT must name the fixed holdout file")
-    holdout = data_mod.load(settings.holdout, labels, settings.holdout_format)
+    parts = split_holdout(data_mod.load(settings.holdout, labels, settings.holdout_format))
+    select, calibrate, gate = (parts[name] for name in HOLDOUT_PARTS)
     if len(train_set) == 0:
         return Decision(request.request_id, False, "no training data (no base data and no feedback)"), None
     version = new_version()
@@ -336,22 +364,23 @@ def run_job(settings: TrainerSettings, request: RetrainRequest, work_root: Path)
     config = TrainConfig(base_encoder=encoder, out_dir=str(work / "train"), labels=labels,
                          max_length=settings.max_length, batch_size=settings.train_batch_size,
                          max_steps=settings.max_steps, lr=settings.learning_rate, progress=False, resume=False)
-    result = train(config, train_set, holdout)
+    result = train(config, train_set, select)
     from training.model import load_model
 
     options = PackageOptions(name=settings.model_name, labels=labels, max_length=settings.max_length,
                              base_encoder=encoder, version=version, baselines=False, out_dir=work / "package")
-    challenger = package_model(load_model(result.best_dir), Path(encoder) / "tokenizer.json", train_set, holdout,
+    challenger = package_model(load_model(result.best_dir), Path(encoder) / "tokenizer.json", train_set, calibrate,
                                work, options, {"request_id": request.request_id, "steps": result.steps})
     scores = {
-        "holdout_champion": accuracy(champion, holdout.texts, holdout.labels),
-        "holdout_challenger": accuracy(challenger, holdout.texts, holdout.labels),
+        "holdout_champion": accuracy(champion, gate.texts, gate.labels),
+        "holdout_challenger": accuracy(challenger, gate.texts, gate.labels),
         "feedback_champion": accuracy(champion, feedback_holdout.texts, feedback_holdout.labels),
         "feedback_challenger": accuracy(challenger, feedback_holdout.texts, feedback_holdout.labels),
         "feedback_holdout_n": float(len(feedback_holdout)),
         "train_rows": float(len(train_set)),
     }
-    decision = Decision(request.request_id, False, "", version, champion_manifest.version, scores)
+    decision = Decision(request.request_id, False, "", version, champion_manifest.version, scores,
+                        holdout_split={name: len(part) for name, part in parts.items()})
     not_worse = scores["holdout_challenger"] >= scores["holdout_champion"] - settings.holdout_tolerance
     better_on_feedback = len(feedback_holdout) > 0 and scores["feedback_challenger"] > scores["feedback_champion"]
     decision.seconds = round(time.monotonic() - started, 1)
