@@ -187,3 +187,18 @@ def test_help_exits_zero() -> None:
     result = subprocess.run([sys.executable, "-m", "worker.drift_monitor", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "drift-monitor" in result.stdout
+
+
+
+def test_the_monitor_reads_the_workers_threshold_setting_and_refuses_the_old_name(monkeypatch):
+    """One threshold setting (issue 16): SENTIMENT_THRESHOLD is read by workers and monitor alike; the old
+    SENTIMENT_DRIFT_THRESHOLD is refused rather than silently ignored."""
+    import pydantic
+
+    from worker.settings import DriftMonitorSettings, WorkerSettings
+
+    monkeypatch.setenv("SENTIMENT_THRESHOLD", "0.7")
+    assert DriftMonitorSettings().threshold == WorkerSettings().threshold == 0.7
+    monkeypatch.setenv("SENTIMENT_DRIFT_THRESHOLD", "0.6")
+    with pytest.raises(pydantic.ValidationError, match="SENTIMENT_THRESHOLD"):
+        DriftMonitorSettings()

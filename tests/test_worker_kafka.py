@@ -233,3 +233,8 @@ def test_uncertain_events_also_go_to_the_review_topic(topics: Topics, tiny_model
     assert {e["label"] for e in labeled} == {"UNCERTAIN"} and {e["threshold"] for e in labeled} == {1.0}
     assert all(e["predicted_label"] in {"POSITIVE", "NEGATIVE"} for e in uncertain)
     assert sorted(e["id"] for e in labeled) == sorted(e["id"] for e in uncertain)
+    # The review queue carries the text (SENTIMENT_UNCERTAIN_ECHO_TEXT, on by default) so a reviewer needs no
+    # join back to the source; the labelled topic still does not (SENTIMENT_ECHO_TEXT, off by default).
+    texts = dict(zip([f"u{i}" for i in range(len(GOOD_TEXTS))], GOOD_TEXTS, strict=True))
+    assert all(e["text"] == texts[e["id"]] for e in uncertain)
+    assert all(e["text"] is None for e in labeled)

@@ -99,6 +99,7 @@ class Output(NamedTuple):
     meta: RecordMeta | None = None
     value: bytes | None = None
     request_id: str | None = None
+    review_payload: bytes | None = None  # what the review topic gets instead of ``payload`` (with the text)
 
 
 def record_meta(event: faust.EventT, max_key_bytes: int) -> RecordMeta:
@@ -336,11 +337,21 @@ class StreamWorker:
                                  event.message.value, self.limits, item.id)
             return self._letter_output(item.output_key, letter, item.meta, event.message.value)
         if len(payload) <= limit:
-            return Output(item.output_key, output, payload, item.meta, event.message.value, item.id)
+            return Output(item.output_key, output, payload, item.meta, event.message.value, item.id,
+                          self._review_payload(item, output))
         letter = dead_letter(item.meta, "output_too_large",
                              f"the labelled event is {len(payload)} bytes; the limit is {limit}",
                              event.message.value, self.limits, item.id)
         return self._letter_output(item.output_key, letter, item.meta, event.message.value)
+
+    def _review_payload(self, item: Decoded, output: LabeledEvent) -> bytes | None:
+        """The UNCERTAIN event as the review queue gets it: with its text (``uncertain_echo_text``), so a
+        reviewer needs no join back to the source. None when the text is already there or not wanted; the
+        copy without text when the one with it would be over the output limit."""
+        if output.label != UNCERTAIN or not self.settings.uncertain_echo_text or output.text is not None:
+            return None
+        payload = output.model_copy(update={"text": item.request.text}).to_json_bytes()
+        return payload if len(payload) <= self.settings.max_output_bytes else None
 
     async def _deliver(self, outputs: list[Output]) -> None:
         """Sends every output and waits for all acknowledgements; re-sends what failed, keeping key order.
@@ -355,7 +366,8 @@ class StreamWorker:
         origin: list[int] = []  # records[i] carries outputs[origin[i]]
         for index, output in enumerate(outputs):
             for topic in self._routes(output):
-                records.append((topic, (output.key or "").encode("utf-8"), output.payload))
+                payload = output.review_payload if topic == self.settings.uncertain_topic else None
+                records.append((topic, (output.key or "").encode("utf-8"), payload or output.payload))
                 origin.append(index)
         stage = [0] * len(outputs)  # 0: as built; 1: output_rejected letter; 2: minimal letter
         pending = list(range(len(records)))

@@ -237,7 +237,7 @@ class DriftMonitor:
         self.config = DetectorConfig(
             false_alarm_rate=settings.drift_false_alarm_rate, warn_rate=max(10 * settings.drift_false_alarm_rate,
                                                                             0.02),
-            cooldown_windows=settings.drift_cooldown_windows, threshold=settings.drift_threshold,
+            cooldown_windows=settings.drift_cooldown_windows, threshold=settings.threshold,
             replicates=settings.drift_replicates,
         )
 

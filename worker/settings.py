@@ -138,6 +138,10 @@ class WorkerSettings(TopicSettings):
         "A labelled event larger than this (a huge metadata echo) is dead-lettered as output_too_large; keep it "
         "under the broker's message.max.bytes (1,048,588 by default), which would otherwise refuse it forever."))
     echo_text: bool = False
+    uncertain_echo_text: bool = Field(default=True, description=(
+        "Events on the review queue (uncertain_topic) carry their text even when echo_text is off, so a reviewer "
+        "(`sentiment feedback`) needs no join back to the source; set false where texts must not leave the input "
+        "topic."))
     intra_op_threads: int = Field(default=1, ge=1)
     partitions: int = Field(default=3, ge=1)
     replication_factor: int = Field(default=1, ge=1)
@@ -212,8 +216,17 @@ class DriftMonitorSettings(TopicSettings):
     drift_window_min_n_floor: int = Field(default=50, ge=1, description="... provided it has this many records.")
     drift_false_alarm_rate: float = Field(default=0.002, gt=0, lt=0.5, description="Family-wise, per window.")
     drift_cooldown_windows: int = Field(default=10, ge=0)
-    drift_threshold: float | None = Field(
-        default=None, ge=0, le=1, description="The workers' UNCERTAIN threshold when it overrides the manifest's.")
+    threshold: float | None = Field(default=None, ge=0, le=1, description=(
+        "The workers' UNCERTAIN threshold when it overrides the manifest's: the same SENTIMENT_THRESHOLD the "
+        "workers read, so the two can never disagree."))
+
+    @model_validator(mode="after")
+    def _old_threshold_name_is_refused(self) -> DriftMonitorSettings:
+        # Silently ignoring the old name would let the monitor judge with another threshold than the workers.
+        if "SENTIMENT_DRIFT_THRESHOLD" in os.environ:
+            raise ValueError("SENTIMENT_DRIFT_THRESHOLD was replaced by SENTIMENT_THRESHOLD (one threshold, read by "
+                             "the workers and the drift monitor alike)")
+        return self
     drift_replicates: int = Field(default=20000, ge=500, description="Bootstrap replicates per window size.")
     drift_auto_offset_reset: Literal["earliest", "latest"] = "latest"
     retrain_min_severity: Literal["info", "warning", "critical", "off"] = "critical"
