@@ -43,6 +43,12 @@ Recovery (``finish_pending``), at startup before anything is consumed, when the 
       is appended only if ``decisions.jsonl`` has no line for the request yet.
   Only then does the consumer start, so the re-delivered request finds its decision (step 1).
 
+Rollback (``promote_published``; ``sentiment models rollback``, ``training/models_cli.py``): P2 and P4-P7 for a
+version that is already published, through the same journal, so recovery (which finds the version
+published) rolls a crashed rollback forward like a promotion. Its decision line (request id
+``rollback-<uuid>``, promoted, reason ``rollback: ...``) carries ``finished_at`` like a job's, so a trainer
+restarted within ``cooldown_s`` of a rollback keeps the cooldown.
+
 Invariants (the reason in brackets):
     * ``decisions.jsonl`` says promoted only for an update the broker acknowledged [P6 after P5].
     * whenever CURRENT may name a version that the last ``ModelUpdate`` does not, the journal exists
@@ -82,7 +88,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from schemas import Feedback, ModelRef, ModelUpdate, RetrainRequest
+from schemas import Feedback, ModelManifest, ModelRef, ModelUpdate, RetrainRequest
 from training.registry import discard_staging, fsync_dir, point_current, publish_version, write_atomic
 from worker.package import PackageError, resolve_package_dir, verify_package
 from worker.settings import DEFAULT_MODEL_DIR, REPO_ROOT, CommaList, TopicSettings, _split_commas
@@ -445,18 +451,7 @@ async def promote(settings: TrainerSettings, challenger: Path, decision: Decisio
     try:
         if settings.signing_key is not None:  # P1
             sign_package(challenger, load_private_key(settings.signing_key))
-        manifest = verify_package(challenger)
-        decision.promoted, decision.path = True, str(root.resolve() / version)
-        update = ModelUpdate(
-            model=ModelRef(name=manifest.name, version=manifest.version, sha256=manifest.files["model.onnx"],
-                           quantization=manifest.quantization),
-            path=decision.path, previous_version=decision.champion_version, request_id=request.request_id,
-            metrics={k: v for k, v in decision.scores.items() if not np.isnan(v)},
-        )
-        pending = {"request_id": request.request_id, "version": version, "sha256": update.model.sha256,
-                   "key": manifest.name, "decision": decision_json(decision),
-                   "update": update.to_json_bytes().decode("utf-8")}
-        write_atomic(settings.promotion_journal, json.dumps(pending).encode("utf-8"))  # P2
+        pending = write_journal(settings, decision, verify_package(challenger), request.request_id)  # P2
         await asyncio.get_running_loop().run_in_executor(  # P3
             None, publish_version, challenger, settings.registry_dir, settings.model_name, version)
     except Exception as exc:  # nothing is visible yet: abandon, record why
@@ -469,6 +464,40 @@ async def promote(settings: TrainerSettings, challenger: Path, decision: Decisio
         return decision
     _chaos(settings, "published")
     await _complete(settings, pending, producer, chaos=True)
+    return decision
+
+
+def write_journal(settings: TrainerSettings, decision: Decision, manifest: ModelManifest, request_id: str) -> dict:
+    """P2: marks ``decision`` promoted (its path: ``<registry>/<name>/<version>``), builds the ``ModelUpdate``
+    that announces ``manifest``'s model and writes the journal (``write_atomic``: whole or absent). Returns
+    the journal's content, which is all that P4-P7 (``_complete``, or recovery after a crash) need."""
+    version = decision.challenger_version
+    if not version:
+        raise ValueError("a challenger to promote needs its version")
+    root = settings.registry_dir / settings.model_name
+    decision.promoted, decision.path = True, str(root.resolve() / version)
+    update = ModelUpdate(
+        model=ModelRef(name=manifest.name, version=manifest.version, sha256=manifest.files["model.onnx"],
+                       quantization=manifest.quantization),
+        path=decision.path, previous_version=decision.champion_version, request_id=request_id,
+        metrics={k: v for k, v in decision.scores.items() if not np.isnan(v)},
+    )
+    pending = {"request_id": request_id, "version": version, "sha256": update.model.sha256,
+               "key": manifest.name, "decision": decision_json(decision),
+               "update": update.to_json_bytes().decode("utf-8")}
+    write_atomic(settings.promotion_journal, json.dumps(pending).encode("utf-8"))
+    return pending
+
+
+async def promote_published(settings: TrainerSettings, decision: Decision, manifest: ModelManifest,
+                            producer) -> Decision:
+    """A rollback (``sentiment models rollback``): P2 and P4-P7 for a version that is already published
+    (no P1: a rollback never re-signs; no P3: versions are immutable). ``decision.challenger_version`` names
+    the version, ``decision.request_id`` is the journal's id. The same journal and the same ``_complete``
+    as ``promote``, so an error from P4 on leaves the journal, and the trainer's start-up recovery (which
+    finds the version published) rolls it forward. Raises on any error; returns the decision as recorded."""
+    pending = write_journal(settings, decision, manifest, decision.request_id)  # P2
+    await _complete(settings, pending, producer, chaos=False)  # P4-P7
     return decision
 
 

@@ -276,7 +276,6 @@ class StreamWorker:
             await stream.ack(events[i])
         await self._commit()
         self._observe(outputs, result)
-        self._observe_lag([events[i] for i in indices])
         await self._publish_stats(self.window.add_batch(
             result.predicted_indices, result.confidences, result.uncertain, result.text_lengths,
             truncated=result.truncated))
@@ -569,18 +568,6 @@ class StreamWorker:
             raise UpdateRefused(f"incompatible: the graph has no output {new.onnx_output!r}")
         if not {"input_ids", "attention_mask"} <= classifier.input_names:
             raise UpdateRefused(f"incompatible: the graph's inputs are {sorted(classifier.input_names)}")
-
-    def _observe_lag(self, events: Sequence[faust.EventT]) -> None:
-        """Records behind the partition end after this batch, per input partition (cheap: cached highwater)."""
-        last: dict[Any, int] = {}
-        for event in events:
-            tp = event.message.tp
-            last[tp] = max(last.get(tp, -1), event.message.offset)
-        for tp, offset in last.items():
-            highwater = self.app.consumer.highwater(tp)
-            if highwater is not None and highwater >= 0:
-                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                    max(highwater - offset - 1, 0))
 
     def _observe(self, outputs: list[Output], result: BatchResult) -> None:
         # From the events, not the model's arrays: an output can have become a dead letter after labelling.

@@ -25,6 +25,7 @@ DELEGATED = {
     "drift-fit": ("training.drift_fit", "main", "Fit a package's label-free accuracy estimator on shifted samples."),
     "drift-monitor": ("worker.drift_monitor", "main", "Run the drift monitor (reads sentiment.stats)."),
     "trainer": ("training.trainer", "main", "Run the retraining service (reads sentiment.retrain-requests)."),
+    "models": ("training.models_cli", "main", "Registry versions and gate decisions; roll CURRENT back."),
 }
 
 

@@ -106,6 +106,7 @@ from pydantic import ValidationError
 
 from schemas import DriftAlert, ModelManifest, ModelUpdate, RetrainRequest, WindowStats
 from worker.drift import METRICS, SEVERITY_RANK, DetectorConfig, DriftConfigError, DriftDetector, WindowResult
+from worker.lag import LagExporter, lag_gauges
 from worker.package import PackageError, read_manifest, resolve_package_dir
 from worker.settings import DriftMonitorSettings
 from worker.window_stats import StatsMergeError, merge_window_stats
@@ -157,6 +158,7 @@ class MonitorMetrics:
         self.windows = Counter("sentiment_drift_windows_total", "Pooled windows evaluated.", registry=r)
         self.retrains = Counter("sentiment_drift_retrain_requests_total", "Retrain requests sent.", registry=r)
         self.stats = Counter("sentiment_drift_stats_total", "WindowStats records by result.", ["result"], registry=r)
+        self.group_lag = lag_gauges(r)
         self.transaction_failures = Counter(
             "sentiment_drift_transaction_failures_total", "Polls whose transaction (alerts, state, offsets) failed "
             "and was retried from the committed state.", registry=r)
@@ -735,7 +737,14 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         log.info("drift_monitor_started", stats_topic=settings.stats_topic, group=settings.drift_group_id,
                  window_min_n=settings.drift_window_min_n)
-        await run(settings, stop, monitor)
+        # Lag from the broker, exported here once (one monitor runs), not summed from the workers.
+        lag = LagExporter(settings, settings.app_id, settings.input_topics, metrics.group_lag, settings.lag_interval_s)
+        lag_task = asyncio.create_task(lag.run(stop))
+        try:
+            await run(settings, stop, monitor)
+        finally:
+            stop.set()
+            await lag_task
         log.info("drift_monitor_stopped")
 
     try:

@@ -38,8 +38,6 @@ OUTPUTS_REJECTED = Counter("sentiment_outputs_rejected_total",
                            "Outputs the broker refused for that record alone, replaced by a minimal dead letter.")
 STEP_OVERRUNS = Counter("sentiment_step_overruns_total",
                         "Labelling steps that took longer than SENTIMENT_BATCH_DEADLINE_S (the rest is cut finer).")
-CONSUMER_LAG = Gauge("sentiment_consumer_lag", "Records behind the partition end, per input partition.",
-                     ["topic", "partition"])
 
 
 def serve(port: int) -> None:

@@ -91,6 +91,8 @@ class TopicSettings(KafkaSettings):
     feedback_topic: str = "sentiment.feedback"
     retrain_requests_topic: str = "sentiment.retrain-requests"
     model_updates_topic: str = "sentiment.model-updates"
+    app_id: str = Field(default="sentiment-worker", description=(
+        "The workers' consumer group id; the drift monitor exports this group's lag as the broker sees it."))
 
     _split_input_topics = field_validator("input_topics", mode="before")(_split_commas)
 
@@ -98,7 +100,6 @@ class TopicSettings(KafkaSettings):
 class WorkerSettings(TopicSettings):
     """The stream worker (``sentiment worker``)."""
 
-    app_id: str = Field(default="sentiment-worker", description="Consumer group id.")
     data_dir: Path | None = Field(default=None, description=(
         "faust's data directory. The worker keeps no tables (memory store), but faust still creates one; "
         "default: <system temp dir>/sentiment-worker/<app_id>, so nothing lands in the working directory."))
@@ -243,6 +244,8 @@ class DriftMonitorSettings(TopicSettings):
         default=10_000, ge=1000, description=(
             "The consumer's group session timeout. A new instance waits this long (plus a margin) for the "
             "member of a killed one to expire, and refuses to start while another instance is alive."))
+    lag_interval_s: float = Field(default=15.0, gt=0, description=(
+        "How often the monitor reads the workers' lag from the broker (sentiment_consumer_group_lag)."))
     drift_retry_backoff_s: float = Field(
         default=5.0, ge=0, description="Wait before retrying after a failed transaction (alert, state, offsets).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
