@@ -405,6 +405,9 @@ def test_a_stats_record_whose_histogram_does_not_match_its_edges_is_skipped_not_
     made the pool merge raise outside the per-record guard, and the monitor crash-looped on that offset."""
     import json as json_
 
+    from pydantic import ValidationError
+
+    from schemas import WindowStats
     from worker.drift_monitor import DriftMonitor, _handle_record
     from worker.settings import DriftMonitorSettings
 
@@ -416,3 +419,8 @@ def test_a_stats_record_whose_histogram_does_not_match_its_edges_is_skipped_not_
            "label_counts": {"POSITIVE": 1}, "uncertain_count": 0, "sum_confidence": 0.9,
            "text_length_quantiles": {"p10": 1, "p50": 1, "p90": 1}}
     assert _handle_record(monitor, settings, settings.stats_topic, json_.dumps(bad).encode()) == []
+    # Refused as one invalid record by the schema, before any pool could try (and fail) to merge it; the old
+    # code let it through (here it was counted no_manifest; with a known model the merge raised).
+    assert monitor.metrics.stats.labels(result="invalid")._value.get() == 1
+    with pytest.raises(ValidationError, match="len\\(bin_edges\\) - 1"):
+        WindowStats.model_validate(bad)
