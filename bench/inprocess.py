@@ -57,9 +57,9 @@ def _our_worker(args: tuple) -> dict:
     """One serving process: build the Labeler like the worker does, warm up, wait, run its share."""
     model_dir, texts, mode, barrier, threads, absa = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from runtime.settings import WorkerSettings
     from worker.decode import RecordMeta, decode_record
     from worker.pipeline import build_labeler
-    from worker.settings import WorkerSettings
 
     overrides = {} if absa is None else {"absa_enabled": absa}
     if mode.startswith("classifier"):  # model level: no aspect stage, whatever the settings say

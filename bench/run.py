@@ -28,7 +28,9 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from runtime.paths import REPO_ROOT
+
+REPO = REPO_ROOT
 DEFAULT_MODEL = REPO / "models" / "sentiment-en"
 
 TARGETS = {"speedup_vs_seed_path": 8.0, "int8_peak_fraction": 0.5, "kafka_vs_inprocess": 0.85, "rss_mb": 400.0}
@@ -39,7 +41,7 @@ def log(message: str) -> None:
 
 
 def resolve_model(requested: Path | None) -> tuple[Path, str]:
-    from worker.package import PackageError, verify_package
+    from runtime.package import PackageError, verify_package
 
     path = requested or DEFAULT_MODEL
     try:
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                           "sources": {s: sources.count(s) for s in sorted(set(sources))}}
 
     # ---------------------------------------------------------------- rows 1 + 2: in-process and peak
-    from worker.settings import WorkerSettings
+    from runtime.settings import WorkerSettings
 
     absa_default = WorkerSettings().absa_enabled
     peaks = []
@@ -253,9 +255,9 @@ def worst_case_batch(model_dir: Path) -> dict:
     1 thread, the worker's own Labeler), compared with the default max.poll.interval."""
     from datetime import UTC, datetime
 
+    from runtime.settings import WorkerSettings
     from worker.decode import RecordMeta, decode_record
     from worker.pipeline import build_labeler
-    from worker.settings import WorkerSettings
 
     settings = WorkerSettings(model_dir=model_dir, intra_op_threads=1, absa_enabled=False)
     labeler = build_labeler(settings)
@@ -280,7 +282,7 @@ def build_summary(r: dict) -> dict:
     lat50 = kafka.get("latency", {}).get("50%", {}).get("labelled_ms", {})
     seed = r.get("speedups", {}).get("distilbert-base@512", {})
     batch_compute = r["inprocess"]["batch_ms"]["median"]
-    from worker.settings import WorkerSettings
+    from runtime.settings import WorkerSettings
 
     batch_wait = WorkerSettings().batch_max_wait_ms
     rss = [x for x in [*kafka.get("rss_mb", []), r.get("cold_start", {}).get("rss_mb")] if x is not None]

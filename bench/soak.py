@@ -27,7 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from runtime.paths import REPO_ROOT
+
+REPO = REPO_ROOT
 PHASES = {
     "faults": ["tests/test_faults.py"],
     "hostile": ["tests/test_hostile.py", "tests/test_model_updates.py", "tests/test_trainer_crash.py",

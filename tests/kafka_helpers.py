@@ -152,7 +152,7 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], cwd=REPO, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=REPO, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT)
         return self
 

@@ -9,9 +9,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from runtime.categories import find_term, load_category_config
+from runtime.package import verify_package
 from schemas import SentimentRequest
-from worker.absa import AspectStage, default_paths, find_term, is_negated, load_category_config
-from worker.package import verify_package
+from worker.absa import AspectStage, default_paths, is_negated
 
 PATHS = default_paths()
 LABELS = {"NEGATIVE", "NEUTRAL", "POSITIVE"}
@@ -204,7 +205,7 @@ def test_xml_evaluation_reports_polarity_and_extraction(tmp_path, monkeypatch) -
 
     import training.calibrate
     import training.evaluate
-    from training.absa_eval import evaluate_absa
+    from training.absa.evaluate import evaluate_absa
 
     # The PNG plots cost most of this test's time (matplotlib); the numbers and report.md are what it checks.
     for module, name in ((training.evaluate, "plot_confusion"), (training.evaluate, "plot_threshold"),

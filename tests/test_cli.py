@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
+from cli.main import DELEGATED, build_parser
 from tests.kafka_helpers import REPO, Topics, WorkerProcess
-from worker.cli import DELEGATED, build_parser
 
 
 def sentiment(*args: str, env: dict[str, str] | None = None, input_text: str | None = None,
               timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, input=input_text, timeout=timeout)
 
 
@@ -82,7 +82,7 @@ def test_produce_300_lines_then_tail_shows_300_events(topics: Topics, tiny_model
 
 
 def test_readme_documents_every_worker_setting():
-    from worker.settings import WorkerSettings
+    from runtime.settings import WorkerSettings
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     missing = [name for name in WorkerSettings.model_fields if f"`SENTIMENT_{name.upper()}`" not in readme]
@@ -106,8 +106,8 @@ def test_new_commands_have_help_on_every_option(command):
 
 
 def test_keygen_then_sign_then_load_and_a_changed_manifest_is_refused(tiny_model, tmp_path):
-    from worker.package import PackageSignatureError, load_package
-    from worker.signing import SIGNATURE_FILE, load_public_key
+    from runtime.package import PackageSignatureError, load_package
+    from runtime.signing import SIGNATURE_FILE, load_public_key
 
     package = tmp_path / "package"
     shutil.copytree(tiny_model, package)
@@ -133,7 +133,7 @@ def test_keygen_then_sign_then_load_and_a_changed_manifest_is_refused(tiny_model
 
 
 def test_sign_refuses_a_package_whose_files_do_not_match_its_manifest(tiny_model, tmp_path):
-    from worker.signing import SIGNATURE_FILE
+    from runtime.signing import SIGNATURE_FILE
 
     package = tmp_path / "package"
     shutil.copytree(tiny_model, package)

@@ -9,9 +9,9 @@ import yaml
 from prometheus_client import REGISTRY
 
 import worker.metrics  # noqa: F401 - registers the worker's metrics on the default registry
+from drift.monitor import MonitorMetrics
+from runtime.settings import DriftMonitorSettings, WorkerSettings
 from tests.kafka_helpers import REPO
-from worker.drift_monitor import MonitorMetrics
-from worker.settings import DriftMonitorSettings, WorkerSettings
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "sentiment.json"
 PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"

@@ -8,10 +8,10 @@ import asyncio
 import pytest
 from aiokafka.errors import KafkaTimeoutError, RecordTooLargeError
 
+from runtime.inference import Classifier
+from runtime.settings import WorkerSettings
 from worker.app import Output, StreamWorker, resend_order
 from worker.decode import DecodeLimits, RecordMeta, dead_letter
-from worker.inference import Classifier
-from worker.settings import WorkerSettings
 
 
 def test_resend_order_resends_each_failed_keys_suffix_in_input_order() -> None:

@@ -7,19 +7,14 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from drift.calibration import grid_n
+from drift.detector import DetectorConfig, DriftDetector
+from drift.divergence import equal_mass_groups, js_divergence, psi
+from drift.reference import AccuracyEstimator, Reference, WindowSummary
+from runtime.numeric import BIN_EDGES as DEFAULT_BIN_EDGES
+from runtime.window_stats import StatsMergeError, merge_window_stats
 from schemas import ConfidenceReference, ModelManifest, ModelRef, WindowStats
-from worker.drift import (
-    AccuracyEstimator,
-    DetectorConfig,
-    DriftDetector,
-    Reference,
-    WindowSummary,
-    equal_mass_groups,
-    grid_n,
-    js_divergence,
-    psi,
-)
-from worker.window_stats import DEFAULT_BIN_EDGES, StatsMergeError, WindowAccumulator, merge_window_stats
+from worker.window_stats import WindowAccumulator
 
 LABELS = ["NEGATIVE", "POSITIVE"]
 MODEL = ModelRef(name="synthetic", version="1.0.0", sha256="0" * 64)
@@ -279,7 +274,8 @@ def test_merge_sums_workers() -> None:
 
 
 def test_estimator_parameters_come_from_config_then_manifest_then_defaults() -> None:
-    from worker.drift import DEFAULT_ATC_WEIGHT, DEFAULT_SHIFT_SLOPE, estimator_parameters
+    from drift.detector import estimator_parameters
+    from drift.reference import DEFAULT_ATC_WEIGHT, DEFAULT_SHIFT_SLOPE
 
     man = manifest()
     assert estimator_parameters(man, DetectorConfig())[:2] == (DEFAULT_ATC_WEIGHT, DEFAULT_SHIFT_SLOPE)

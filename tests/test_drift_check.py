@@ -11,10 +11,10 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
+from drift.check import Record, label_index, main, parse_line, run
+from drift.detector import DetectorConfig, DriftDetector
+from runtime.numeric import BIN_EDGES as DEFAULT_BIN_EDGES
 from schemas import ConfidenceReference, ModelManifest, ModelRef
-from worker.drift import DetectorConfig, DriftDetector
-from worker.drift_check import Record, label_index, main, parse_line, run
-from worker.window_stats import DEFAULT_BIN_EDGES
 
 REQUIRED = {"window", "n", "psi", "psi_threshold", "js", "js_threshold", "uncertain_rate", "estimated_accuracy",
             "expected_accuracy", "alert", "alerts", "partial", "start"}

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from drift.monitor import DriftMonitor, MonitorMetrics, run
+from runtime.paths import SHARED_DATA_DIR
+from runtime.settings import DriftMonitorSettings
 from schemas import DriftAlert
 from tests.kafka_helpers import REPO, Topics, WorkerProcess, create_topic, produce_raw, read_all
-from worker.drift_monitor import DriftMonitor, MonitorMetrics, run
-from worker.settings import SHARED_DATA_DIR, DriftMonitorSettings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from drift.detector import DetectorConfig, DriftDetector
+from drift.fit import DomainWindow, estimate, fit, main
+from drift.reference import Reference, WindowSummary
+from runtime.package import read_manifest, verify_package
 from tests.test_drift import manifest as reference_manifest
-from training.drift_fit import DomainWindow, estimate, fit, main
-from worker.drift import DetectorConfig, DriftDetector, Reference, WindowSummary
-from worker.package import read_manifest, verify_package
 
 TRUE_SLOPE, TRUE_PENALTY = 1.7, 0.04
 

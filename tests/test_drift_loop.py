@@ -32,7 +32,7 @@ def run(coro):
 
 
 def spawn(command: str, env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", command], cwd=REPO, env={**os.environ, **env},
+    return subprocess.Popen([sys.executable, "-m", "cli", command], cwd=REPO, env={**os.environ, **env},
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from drift.monitor import DriftMonitor, MonitorMetrics, run
+from runtime.numeric import BIN_EDGES as DEFAULT_BIN_EDGES
+from runtime.settings import DriftMonitorSettings
 from schemas import ConfidenceReference, DriftAlert, ModelManifest, ModelRef, ModelUpdate, RetrainRequest, WindowStats
 from tests.kafka_helpers import REPO, Topics, create_topic, produce_raw, read_all
-from worker.drift_monitor import DriftMonitor, MonitorMetrics, run
-from worker.settings import DriftMonitorSettings
-from worker.window_stats import DEFAULT_BIN_EDGES, WindowAccumulator
+from worker.window_stats import WindowAccumulator
 
 LABELS = ["NEGATIVE", "POSITIVE"]
 THRESHOLD = 0.7
@@ -161,7 +162,7 @@ def test_monitor_process_stops_cleanly_on_sigterm(kafka: str, topics: Topics, tm
            "SENTIMENT_MODEL_DIR": str(tmp_path / "sentiment-en"), "SENTIMENT_DRIFT_METRICS_PORT": "0"}
     asyncio.run(create_topic(topics.stats, 1))
     asyncio.run(create_topic(topics.model_updates, 1))
-    proc = subprocess.Popen([sys.executable, "-m", "worker.drift_monitor"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "drift.monitor"], cwd=REPO, env=env,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
@@ -184,7 +185,7 @@ def test_monitor_process_stops_cleanly_on_sigterm(kafka: str, topics: Topics, tm
 
 
 def test_help_exits_zero() -> None:
-    result = subprocess.run([sys.executable, "-m", "worker.drift_monitor", "--help"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "drift.monitor", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "drift-monitor" in result.stdout
 
@@ -195,7 +196,7 @@ def test_the_monitor_reads_the_workers_threshold_setting_and_refuses_the_old_nam
     SENTIMENT_DRIFT_THRESHOLD is refused rather than silently ignored."""
     import pydantic
 
-    from worker.settings import DriftMonitorSettings, WorkerSettings
+    from runtime.settings import DriftMonitorSettings, WorkerSettings
 
     monkeypatch.setenv("SENTIMENT_THRESHOLD", "0.7")
     assert DriftMonitorSettings().threshold == WorkerSettings().threshold == 0.7

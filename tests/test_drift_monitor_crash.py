@@ -1,6 +1,6 @@
 """The drift monitor across crashes: kill -9, a failed alert send, restarts, aborted stats, a second instance.
 
-All against the real broker. The monitor runs as a real process (``python -m worker.cli drift-monitor``) where
+All against the real broker. The monitor runs as a real process (``python -m cli drift-monitor``) where
 a test kills it, and in-process where the test needs its metrics. Alerts and retrain requests are counted with
 a read_committed consumer: what a downstream consumer (the trainer) sees.
 
@@ -23,11 +23,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from drift.monitor import DriftMonitor, MonitorMetrics, run
+from runtime.settings import DriftMonitorSettings
 from schemas import DriftAlert, RetrainRequest
 from tests.kafka_helpers import BOOTSTRAP, REPO, Topics, create_topic, produce_raw, report
 from tests.test_drift_monitor import worker_windows, write_package
-from worker.drift_monitor import DriftMonitor, MonitorMetrics, run
-from worker.settings import DriftMonitorSettings
 
 WINDOW = 100  # records per worker window (one stats record)
 MIN_N = 500  # records per pooled window: five stats records
@@ -91,7 +91,7 @@ class MonitorProcess:
 
     def start(self) -> MonitorProcess:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "drift-monitor"], cwd=REPO,
+            self.proc = subprocess.Popen([sys.executable, "-m", "cli", "drift-monitor"], cwd=REPO,
                                          env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return self
 
@@ -407,9 +407,9 @@ def test_a_stats_record_whose_histogram_does_not_match_its_edges_is_skipped_not_
 
     from pydantic import ValidationError
 
+    from drift.monitor import DriftMonitor, _handle_record
+    from runtime.settings import DriftMonitorSettings
     from schemas import WindowStats
-    from worker.drift_monitor import DriftMonitor, _handle_record
-    from worker.settings import DriftMonitorSettings
 
     settings = DriftMonitorSettings(drift_metrics_port=0, model_dir=tmp_path)
     monitor = DriftMonitor(settings)

@@ -423,10 +423,10 @@ def test_a_stall_past_max_poll_interval_recovers_without_a_rebalance_storm(topic
 def test_worst_case_batch_is_bounded(tiny_model):
     """At the defaults a batch can never grow with its input: 64 texts of the maximum accepted size
     (100,000 characters) become at most 64 × max_length tokens, in session calls within the token budget."""
+    from runtime.inference import Classifier
+    from runtime.settings import WorkerSettings
     from worker.decode import Decoded, DecodeLimits, RecordMeta, decode_record
-    from worker.inference import Classifier
     from worker.pipeline import Labeler
-    from worker.settings import WorkerSettings
 
     defaults = WorkerSettings()
     classifier = Classifier.load(tiny_model)

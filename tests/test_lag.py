@@ -9,9 +9,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
+from drift.lag import LagExporter, broker_lag, lag_gauges
+from runtime.settings import KafkaSettings
 from tests.kafka_helpers import BOOTSTRAP, Topics, create_topic, produce_raw
-from worker.lag import LagExporter, broker_lag, lag_gauges
-from worker.settings import KafkaSettings
 
 pytestmark = pytest.mark.kafka
 

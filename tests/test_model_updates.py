@@ -1,7 +1,7 @@
 """Forged model updates on the real broker (issue 11, item 3): only a signed package of the served model,
 inside the registry, is ever loaded; everything else is refused while the current model keeps serving.
 
-Signing here uses ``cryptography`` directly (not ``worker.signing``) so the test runs against any revision
+Signing here uses ``cryptography`` directly (not ``runtime.signing``) so the test runs against any revision
 of the worker: on the code before issue 11 it fails (the forged 3-class and tagger packages were loaded).
 """
 

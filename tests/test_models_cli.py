@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from runtime.package import read_manifest, verify_package, write_manifest
 from tests.kafka_helpers import BOOTSTRAP, REPO, Topics, read_all
 from training.registry import current_version, point_current
-from worker.package import read_manifest, verify_package, write_manifest
 
 MODEL = "tiny-test"
 V2_DECISION = {"request_id": "req-2", "promoted": True, "reason": "not worse on holdout, better on feedback",
@@ -31,7 +31,7 @@ V2_DECISION = {"request_id": "req-2", "promoted": True, "reason": "not worse on 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> tuple[Path, Path]:
-    from worker.signing import generate_keypair
+    from runtime.signing import generate_keypair
 
     folder = tmp_path_factory.mktemp("keys")
     generate_keypair(folder / "trainer.pem", folder / "worker.pub.pem")
@@ -42,7 +42,7 @@ def keys(tmp_path_factory) -> tuple[Path, Path]:
 def registry(tiny_model: Path, keys: tuple[Path, Path], tmp_path: Path) -> Path:
     import onnx
 
-    from worker.signing import load_private_key, sign_package
+    from runtime.signing import load_private_key, sign_package
 
     root = tmp_path / "registry" / MODEL
     for day, version in enumerate(("v1", "v2"), 1):
@@ -65,7 +65,7 @@ def sha(registry: Path, version: str) -> str:
 
 
 def sentiment(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker.cli", "models", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", "models", *args], cwd=REPO, capture_output=True,
                           text=True, env=env, timeout=60)
 
 
@@ -161,7 +161,8 @@ def test_rollback_moves_current_sends_the_update_and_records_the_decision(topics
 def test_the_trainers_recovery_finishes_a_rollback_that_crashed_after_current_moved(topics, registry):
     from aiokafka import AIOKafkaProducer
 
-    from training.trainer import Decision, TrainerSettings, finish_pending, write_journal
+    from runtime.settings import TrainerSettings
+    from training.trainer import Decision, finish_pending, write_journal
 
     settings = TrainerSettings(registry_dir=registry, model_name=MODEL, kafka_bootstrap=BOOTSTRAP,
                                model_updates_topic=topics.model_updates)

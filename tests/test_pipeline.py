@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from runtime.inference import Classifier, Predictions, _truncate
+from runtime.numeric import decide, softmax
 from schemas import DeadLetter, LabeledEvent
 from worker.decode import Decoded, DecodeLimits, RecordMeta, decode_record
-from worker.inference import Classifier, Predictions, _truncate, decide, softmax
 from worker.pipeline import Labeler
 
 LIMITS = DecodeLimits(100_000, 1_000_000, 256)
@@ -106,7 +107,7 @@ def test_batch_result_carries_truncation_for_the_drift_window(classifier):
 
 
 def test_sub_batch_plan_separates_a_long_outlier_and_respects_the_budget():
-    from worker.inference import plan_sub_batches
+    from runtime.inference import plan_sub_batches
 
     padded = np.array([8] * 63 + [64])
     plan = plan_sub_batches(padded, budget=4096)

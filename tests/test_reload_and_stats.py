@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
+from runtime.inference import Classifier
 from schemas import ModelRef, ModelUpdate
 from tests.kafka_helpers import Topics, WorkerProcess, create_topic, produce_raw, read_all
-from worker.inference import Classifier
 
 pytestmark = pytest.mark.kafka
 

@@ -14,10 +14,10 @@ from collections import Counter
 
 import pytest
 
+from runtime.package import verify_package
 from schemas import Feedback, RetrainRequest
 from tests.generated_text import sentences, write_jsonl
 from tests.kafka_helpers import REPO, Topics, WorkerProcess, create_topic, produce_raw, read_all
-from worker.package import verify_package
 
 pytestmark = pytest.mark.kafka
 
@@ -47,7 +47,7 @@ def test_retrain_request_promotes_a_better_challenger_and_the_worker_serves_it(
 
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     trainer_log = (tmp_path / "trainer.log").open("wb")
-    trainer = subprocess.Popen([sys.executable, "-m", "worker.cli", "trainer"], cwd=REPO,
+    trainer = subprocess.Popen([sys.executable, "-m", "cli", "trainer"], cwd=REPO,
                                env={**os.environ, **env}, stdout=trainer_log, stderr=subprocess.STDOUT)
     ids = iter(range(1_000_000))
 

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
+from runtime.inference import Classifier
+from runtime.package import PackageError, set_current, verify_package
 from schemas import LabeledEvent, SentimentRequest
 from schemas.generate import expected_files
-from worker.inference import Classifier
-from worker.package import PackageError, set_current, verify_package
 
 
 def test_json_schema_files_are_up_to_date():

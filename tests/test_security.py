@@ -103,7 +103,7 @@ def secure_broker(kafka, tmp_path_factory) -> SecureBroker:
 
 def cli(args: list[str], env: dict[str, str], stdin: str | None = None, timeout: float = 120
         ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=REPO, input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, input=stdin, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
 
 
@@ -111,7 +111,7 @@ def committed_offsets(secure: SecureBroker, group: str) -> int:
     """Sum of a group's committed offsets, read over SASL_SSL with the same settings class."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from worker.settings import KafkaSettings
+    from runtime.settings import KafkaSettings
 
     settings = KafkaSettings(**{k.removeprefix("SENTIMENT_").lower(): v for k, v in secure.client_env().items()})
 
@@ -139,7 +139,7 @@ def test_worker_cli_and_drift_monitor_work_over_sasl_ssl_and_never_print_the_pas
     monitor_env = {**env, "SENTIMENT_DRIFT_GROUP_ID": f"{topics.prefix}-drift", "SENTIMENT_DRIFT_METRICS_PORT": "0",
                    "SENTIMENT_DRIFT_AUTO_OFFSET_RESET": "earliest"}
     monitor_log = (tmp_path / "monitor.log").open("w")
-    monitor = subprocess.Popen([sys.executable, "-m", "worker.cli", "drift-monitor"], cwd=REPO,
+    monitor = subprocess.Popen([sys.executable, "-m", "cli", "drift-monitor"], cwd=REPO,
                                env={**os.environ, **monitor_env}, stdout=monitor_log, stderr=subprocess.STDOUT)
     try:
         produced = cli(["produce", "--topic", topics.requests, "-"], env, stdin=lines)

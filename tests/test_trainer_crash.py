@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.package import verify_package
 from schemas import Feedback, RetrainRequest
 from tests.generated_text import sentences
 from tests.kafka_helpers import BOOTSTRAP, Topics, produce_raw, read_all, report
 from tests.trainer_helpers import TrainerProcess
-from worker.package import verify_package
 
 MODEL = "tiny-test"
 LABELS = ["NEGATIVE", "POSITIVE"]
@@ -88,7 +88,7 @@ def labelled(tiny_model, challenger, tmp_path_factory) -> tuple[list[Feedback], 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> tuple[Path, Path]:
-    from worker.signing import generate_keypair
+    from runtime.signing import generate_keypair
 
     folder = tmp_path_factory.mktemp("keys")
     generate_keypair(folder / "trainer.pem", folder / "worker.pub.pem")
@@ -118,8 +118,8 @@ def send_requests(env: dict[str, str], *request_ids: str) -> None:
 @pytest.mark.kafka
 @pytest.mark.parametrize("step", ["published", "current", "sent", "recorded"])
 def test_kill9_at_each_promotion_step_converges_after_restart(step, env, labelled, challenger, keys, tmp_path):
-    from worker.package import load_package
-    from worker.signing import load_public_key
+    from runtime.package import load_package
+    from runtime.signing import load_public_key
 
     registry = tmp_path / "registry"
     env = {**env, "SENTIMENT_SIGNING_KEY": str(keys[0])}  # and the signature is published with the package
@@ -166,7 +166,8 @@ def test_kill9_at_each_promotion_step_converges_after_restart(step, env, labelle
 
 
 def test_recovery_abandons_a_promotion_whose_package_was_never_published(tmp_path):
-    from training.trainer import TrainerSettings, finish_pending
+    from runtime.settings import TrainerSettings
+    from training.trainer import finish_pending
 
     settings = TrainerSettings(registry_dir=tmp_path, model_name=MODEL)
     root = tmp_path / MODEL
@@ -252,7 +253,8 @@ def test_a_handled_request_is_dropped_after_a_restart(env, labelled, challenger,
 
 
 def test_handled_ids_and_cooldown_are_restored_from_the_decisions_log(tmp_path):
-    from training.trainer import Trainer, TrainerSettings
+    from runtime.settings import TrainerSettings
+    from training.trainer import Trainer
 
     settings = TrainerSettings(registry_dir=tmp_path, model_name=MODEL, cooldown_s=600)
     log = tmp_path / MODEL / "decisions.jsonl"
@@ -334,8 +336,9 @@ def test_the_gate_never_scores_on_rows_that_chose_the_challenger(tiny_model, tmp
     cut three ways; this fails if the gate's rows overlap the rows train() or package_model() saw."""
     import training.pipeline
     import training.train
+    from runtime.settings import TrainerSettings
     from training import trainer as trainer_mod
-    from training.trainer import TrainerSettings, run_job
+    from training.trainer import run_job
 
     holdout = tmp_path / "holdout.jsonl"
     labels = ("POSITIVE", "NEGATIVE")

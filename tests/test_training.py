@@ -19,12 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from runtime.inference import Classifier
+from runtime.numeric import softmax
+from runtime.package import verify_package
 from training import data as data_mod
-from training.calibrate import confidence_reference, ece, fit_temperature, softmax
+from training.calibrate import confidence_reference, ece, fit_temperature
 from training.evaluate import choose_threshold
 from training.tiny import base_tokenizer_json, build_tiny_package, tiny_config
-from worker.inference import Classifier
-from worker.package import verify_package
 
 POS = ("great", "wonderful", "loved", "excellent", "fantastic", "superb")
 NEG = ("awful", "terrible", "hated", "boring", "horrible", "dreadful")
@@ -170,7 +171,7 @@ def test_train_export_gate_report_serve(tmp_path: Path, tiny_encoder: Path) -> N
     probs = classifier.predict(["the movie was wonderful", "the hotel was dreadful"]).probabilities
     assert probs[0, 1] > 0.5 > probs[1, 1]
     # `sentiment predict` (worker CLI) serves the new package
-    from worker.cli import main as sentiment
+    from cli.main import main as sentiment
 
     requests = tmp_path / "requests.jsonl"
     requests.write_text('{"id": "a", "text": "the album was superb"}\n{"id": "b", "text": "the meal was awful"}\n')
@@ -284,8 +285,8 @@ def test_tiny_package_is_valid_and_serves(tmp_path: Path) -> None:
 
 
 def test_registry_versions_and_current(tmp_path: Path) -> None:
+    from runtime.package import resolve_package_dir
     from training.registry import current_version, list_versions, publish_to_registry
-    from worker.package import resolve_package_dir
 
     for version, seed in (("20260101-000000", 0), ("20260102-000000", 1)):
         staging = build_tiny_package(tmp_path / f"stage-{seed}", seed=seed)

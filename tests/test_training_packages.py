@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.inference import Classifier
-from worker.package import sha256_file, verify_package
+from runtime.inference import Classifier
+from runtime.package import sha256_file, verify_package
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 SHIPPED = {

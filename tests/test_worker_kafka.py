@@ -199,7 +199,7 @@ def test_predict_gives_the_same_labels_as_the_stream(topics: Topics, tiny_model,
     texts = [f"{t} ({i})" for i, t in enumerate(GOOD_TEXTS * 20)]
     lines = [json.dumps({"id": f"p-{i}", "text": t}) for i, t in enumerate(texts)]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
-    offline = subprocess.run([sys.executable, "-m", "worker.cli", "predict", "--model", str(tiny_model),
+    offline = subprocess.run([sys.executable, "-m", "cli", "predict", "--model", str(tiny_model),
                               "--input", str(tmp_path / "in.jsonl")], cwd=REPO, capture_output=True, text=True,
                              check=True)
     offline_events = {e["id"]: e for e in map(json.loads, offline.stdout.splitlines())}

@@ -36,7 +36,7 @@ def install_stub_training(challenger: Path) -> None:
         return None
 
     def package_model(model, tokenizer_json, train_set, dev_set, work_dir, options, train_info=None):
-        from worker.package import read_manifest, write_manifest
+        from runtime.package import read_manifest, write_manifest
 
         out = Path(options.out_dir)
         shutil.copytree(challenger, out)

@@ -5,7 +5,7 @@ Contract:
     (one parameter, so accuracy and the argmax never change).
   * ``ece`` is the expected calibration error of the max-probability with equal-width bins.
   * ``confidence_reference`` builds the manifest's ``ConfidenceReference`` from *calibrated* dev
-    probabilities of the shipped (INT8) model; bin edges are ``REFERENCE_BIN_EDGES`` (41 edges, 0..1 in
+    probabilities of the shipped (INT8) model; bin edges are ``runtime.numeric.BIN_EDGES`` (41 edges, 0..1 in
     steps of 0.025) for every model, so references of binary and 3-class models are comparable.
 """
 
@@ -15,18 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
+from runtime.numeric import BIN_EDGES, softmax
 from schemas import ConfidenceReference
-
-REFERENCE_BIN_EDGES: list[float] = [round(x, 4) for x in np.linspace(0.0, 1.0, 41)]
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` in float64."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
@@ -36,18 +28,11 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
 
 
 def fit_temperature(logits: np.ndarray, labels: Sequence[int], lo: float = 0.05, hi: float = 20.0) -> float:
-    """Temperature minimising dev NLL: golden-section search on log T (NLL is unimodal in T)."""
+    """Temperature minimising dev NLL: bounded Brent search on log T (NLL is unimodal in T)."""
     y = np.asarray(labels)
-    a, b = np.log(lo), np.log(hi)
-    ratio = (np.sqrt(5) - 1) / 2
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    for _ in range(80):
-        if nll(logits, y, np.exp(c)) < nll(logits, y, np.exp(d)):
-            b = d
-        else:
-            a = c
-        c, d = b - ratio * (b - a), a + ratio * (b - a)
-    return float(np.exp((a + b) / 2))
+    found = minimize_scalar(lambda log_t: nll(logits, y, float(np.exp(log_t))), bounds=(np.log(lo), np.log(hi)),
+                            method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(found.x))
 
 
 def ece(probs: np.ndarray, labels: Sequence[int], n_bins: int = 15) -> float:
@@ -107,7 +92,7 @@ def confidence_reference(probs: np.ndarray, gold: Sequence[int] | None, labels: 
 
     ``gold=None`` (no labels, e.g. generated sentences) gives ``expected_accuracy`` = mean confidence.
     """
-    edges = np.asarray(REFERENCE_BIN_EDGES)
+    edges = np.asarray(BIN_EDGES)
     pred = probs.argmax(axis=1)
     conf = probs.max(axis=1)
     hist = {}

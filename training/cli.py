@@ -234,7 +234,7 @@ def evaluate_document(args: argparse.Namespace, package_dir: Path, manifest: Mod
 
 def evaluate_aspects(args: argparse.Namespace, package_dir: Path, manifest: ModelManifest) -> Path:
     """ABSA packages on SemEval-style XML: term polarity, category polarity and term extraction."""
-    from training.absa_eval import evaluate_absa
+    from training.absa.evaluate import evaluate_absa
 
     return evaluate_absa(args, package_dir, manifest)
 
@@ -249,7 +249,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``sentiment evaluate``: report for a package on a labelled file. Returns an exit code."""
     args = build_evaluate_parser().parse_args(list(argv) if argv is not None else None)
     _setup_logging(args.verbose)
-    from worker.package import PackageError, resolve_package_dir, verify_package
+    from runtime.package import PackageError, resolve_package_dir, verify_package
 
     try:
         package_dir = resolve_package_dir(args.model)

@@ -74,7 +74,7 @@ class Evaluation:
 
 def score_package(package_dir: Path, texts: Sequence[str], threads: int = 2) -> np.ndarray:
     """Calibrated probabilities from the served INT8 model (hash-verified load)."""
-    from worker.inference import Classifier
+    from runtime.inference import Classifier
 
     return Classifier.load(package_dir, intra_op_threads=threads).predict(list(texts)).probabilities.astype(
         np.float64)
@@ -341,7 +341,7 @@ def render_markdown(ev: Evaluation, plots: Sequence[str], preamble: str = "") ->
     lines = [f"# Evaluation: {ev.model} on {ev.data}", ""]
     if preamble:
         lines += [preamble, ""]
-    lines += [f"n = {ev.n}; runtime: INT8 ONNX through `worker.inference.Classifier` (calibrated).", "",
+    lines += [f"n = {ev.n}; runtime: INT8 ONNX through `runtime.inference.Classifier` (calibrated).", "",
               "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in m.items()]
     lines += ["", "## Per class", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]

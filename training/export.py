@@ -6,7 +6,7 @@ Contract:
     encoder is re-instantiated with eager attention first, because only eager attention fuses in ORT.
   * ``quantize_variants`` builds several dynamic INT8 variants of that graph.
   * ``export_int8`` scores every variant on the selection (dev) split through the worker runtime
-    (``worker.inference.Classifier``, the exact code that serves it), keeps the most accurate among the
+    (``runtime.inference.Classifier``, the exact code that serves it), keeps the most accurate among the
     fast ones, and raises ``ParityError`` unless the kept one agrees with fp32 on ≥ 99.5% of labels and
     loses ≤ 0.3 accuracy points (thresholds are arguments).
 """
@@ -27,10 +27,11 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
+from runtime.errors import RefusedError
+from runtime.inference import Classifier
+from runtime.package import LoadedPackage
 from schemas import ModelManifest
 from training.model import SentimentModel, model_from_config
-from worker.inference import Classifier
-from worker.package import LoadedPackage
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ FALLBACK_COUNTS = (1, 2, 3, 4)
 RANKING_ROWS = 512  # calibration rows scored per sensitivity probe (12 probes)
 
 
-class ParityError(RuntimeError):
+class ParityError(RefusedError):
     """The INT8 model disagrees with fp32 more than the gate allows; nothing is shipped."""
 
 

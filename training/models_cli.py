@@ -48,11 +48,13 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
+from runtime.errors import RefusedError
+from runtime.package import PackageError, load_package, read_manifest, verify_package
+from runtime.settings import TrainerSettings
+from runtime.signing import SIGNATURE_FILE, SignatureError, load_public_key
 from schemas import ModelManifest
 from training.registry import current_version, list_versions
-from training.trainer import Decision, TrainerSettings, promote_published, read_pending, recorded_decisions
-from worker.package import PackageError, load_package, read_manifest, verify_package
-from worker.signing import SIGNATURE_FILE, SignatureError, load_public_key
+from training.trainer import Decision, promote_published, read_pending, recorded_decisions
 
 PROG = "sentiment models"
 
@@ -64,7 +66,7 @@ class ModelsSettings(TrainerSettings):
         "Ed25519 public key (PEM), as the workers' SENTIMENT_VERIFY_KEY: a rollback target must verify with it."))
 
 
-class Refused(Exception):
+class Refused(RefusedError):
     """A check failed before anything changed (exit 2)."""
 
 

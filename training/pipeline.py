@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.numeric import softmax
 from schemas import MetricRecord, ModelManifest
-from training.calibrate import confidence_reference, ece, fit_temperature, softmax
+from training.calibrate import confidence_reference, ece, fit_temperature
 from training.data import LabeledTexts, limit
 from training.evaluate import evaluate, score_package, write_report
 from training.export import ParityGate, export_int8

@@ -2,7 +2,7 @@
 
 Contract:
   * ``assemble_package`` writes ``model.onnx`` (INT8), ``tokenizer.json``, report files and
-    ``manifest.json`` into a fresh staging directory and checks it with ``worker.package.verify_package``.
+    ``manifest.json`` into a fresh staging directory and checks it with ``runtime.package.verify_package``.
   * ``publish_version`` moves a staged package to ``<registry>/<name>/<version>/`` whole or not at all: it
     goes to a hidden ``.staging-<version>/`` beside it, is fsynced, then renamed (atomic). A crash leaves
     either no version directory (maybe a staging leftover, which ``discard_staging`` removes and
@@ -20,8 +20,8 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+from runtime.package import CURRENT_POINTER, verify_package, write_manifest
 from schemas import ModelManifest
-from worker.package import CURRENT_POINTER, verify_package, write_manifest
 
 STAGING_PREFIX = ".staging-"
 

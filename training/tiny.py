@@ -2,7 +2,7 @@
 
 ``build_tiny_package(out_dir)`` builds a 2-layer BERT (hidden 64) from a config, with the MiniLM
 tokenizer's vocabulary, and sends it through the same export + quantize path as real models
-(``training.export.export_int8``) and the worker's package writer (``worker.package.write_manifest``).
+(``training.export.export_int8``) and the worker's package writer (``runtime.package.write_manifest``).
 Its predictions are meaningless; its format is not. The parity gate is measured and recorded but not
 enforced: a random model's logits sit near the decision boundary, where INT8 rounding flips labels.
 """
@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from transformers import BertConfig
 
+from runtime.numeric import softmax
+from runtime.package import write_manifest
 from schemas import DataFingerprint, MetricRecord, ModelManifest
-from training.calibrate import confidence_reference, softmax
+from training.calibrate import confidence_reference
 from training.export import export_int8
 from training.model import model_from_config
-from worker.package import write_manifest
 
 TINY_THRESHOLD = 0.6
 TINY_MAX_LENGTH = 64

@@ -52,6 +52,11 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
+from runtime.errors import SentimentError
+from runtime.inference import Classifier
+from runtime.package import PackageError, read_manifest, resolve_package_dir
+from runtime.settings import WorkerSettings
+from runtime.signing import SignatureError, load_public_key
 from schemas import UNCERTAIN, DeadLetter, LabeledEvent, ModelUpdate, WindowStats
 from worker import metrics
 from worker.decode import (
@@ -64,11 +69,7 @@ from worker.decode import (
     record_meta_for,
 )
 from worker.faust_transport import SCHEME
-from worker.inference import Classifier
-from worker.package import PackageError, read_manifest, resolve_package_dir
 from worker.pipeline import BatchResult, build_labeler, plan_steps
-from worker.settings import WorkerSettings
-from worker.signing import SignatureError, load_public_key
 from worker.topics import ensure_topics
 from worker.window_stats import WindowAccumulator
 
@@ -81,11 +82,11 @@ RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, InvalidMessageEr
                  InvalidTimestampError)
 
 
-class DeliveryError(Exception):
+class DeliveryError(SentimentError):
     """Outputs of a batch could not be acknowledged by the broker after every retry."""
 
 
-class UpdateRefused(Exception):
+class UpdateRefused(SentimentError):
     """A model update that must not be served: outside the registry, unsigned, or not this worker's model."""
 
 

@@ -17,8 +17,9 @@ import time
 import uuid
 from pathlib import Path
 
-from worker.kafka_io import produce_json, readable
-from worker.settings import REPO_ROOT, WorkerSettings
+from runtime.kafka_io import produce_json, readable
+from runtime.paths import REPO_ROOT
+from runtime.settings import WorkerSettings
 
 EXAMPLES = REPO_ROOT / "examples" / "reviews.jsonl"
 
@@ -56,7 +57,7 @@ def main(examples: Path = EXAMPLES) -> int:
     payloads = [json.loads(line) for line in examples.read_text(encoding="utf-8").splitlines() if line.strip()]
     (REPO_ROOT / ".cache").mkdir(exist_ok=True)
     print(f"demo: model {settings.model_dir}, topics demo-{run_id}.*", flush=True)
-    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env, cwd=REPO_ROOT,
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, cwd=REPO_ROOT,
                               stderr=open(REPO_ROOT / ".cache" / "demo-worker.log", "wb"))  # noqa: SIM115
     try:
         asyncio.run(produce_json(settings, settings.input_topics[0], payloads))

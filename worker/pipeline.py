@@ -26,19 +26,21 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from schemas import DeadLetter, LabeledEvent
+from runtime.errors import SentimentError
+from runtime.inference import Classifier, Predictions
+from runtime.numeric import decide_batch
+from runtime.settings import WorkerSettings
+from runtime.signing import load_public_key
+from schemas import UNCERTAIN, DeadLetter, LabeledEvent
 from worker import metrics
 from worker.decode import Decoded, DecodeLimits, dead_letter
-from worker.inference import Classifier, Predictions
-from worker.settings import WorkerSettings
-from worker.signing import load_public_key
 
 log = structlog.get_logger(__name__)
 
 Outcome = LabeledEvent | DeadLetter
 
 
-class InjectedFault(RuntimeError):
+class InjectedFault(SentimentError, RuntimeError):
     """Raised by the chaos hook (SENTIMENT_FAULT_MARKER) to prove the failure rule on a live stream."""
 
 
@@ -149,16 +151,14 @@ class Labeler:
         labels = classifier.labels
         # The batch's own classifier, not self.classifier: a reload may have landed since the batch began.
         threshold = self.threshold_for(classifier)
-        predicted = probs.argmax(axis=1)
-        confidence = probs[np.arange(len(batch)), predicted]
-        uncertain = confidence < threshold
+        predicted, confidence, uncertain = decide_batch(probs, threshold)
         labeled_at = datetime.now(UTC)
         outputs: list[Outcome] = []
         for row, item in enumerate(batch):
             predicted_label = labels[predicted[row]]
             outputs.append(LabeledEvent(
                 id=item.id,
-                label="UNCERTAIN" if uncertain[row] else predicted_label,
+                label=UNCERTAIN if uncertain[row] else predicted_label,
                 predicted_label=predicted_label,
                 confidence=round(float(confidence[row]), 6),
                 probabilities={label: round(float(p), 6) for label, p in zip(labels, probs[row], strict=True)},

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from runtime.settings import WorkerSettings
 from schemas import DeadLetter
 from worker.decode import Decoded, DecodeLimits, RecordMeta, decode_record
 from worker.pipeline import build_labeler
-from worker.settings import WorkerSettings
 
 
 def _chunks(source: TextIO, name: str, limits: DecodeLimits, size: int) -> Iterator[list[Decoded | DeadLetter]]:

@@ -62,8 +62,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from pydantic import ValidationError
 
+from runtime.errors import UserError
+from runtime.settings import WorkerSettings
 from schemas import DeadLetter, ErrorCode, RecordHeader
-from worker.settings import WorkerSettings
 
 REPLAY_HEADER = "sentiment-replay-of"
 # Codes whose outcome can change on a second try: a setting (text_too_long, message_too_large,
@@ -81,7 +82,7 @@ TRANSACTION_RECORDS = 200
 TRANSACTION_SECONDS = 10.0
 
 
-class ReplayError(Exception):
+class ReplayError(UserError):
     """The replay cannot run (a missing topic); nothing was sent."""
 
 

@@ -8,7 +8,7 @@ import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from worker.settings import TopicSettings, WorkerSettings
+from runtime.settings import TopicSettings, WorkerSettings
 
 log = structlog.get_logger(__name__)
 

@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from any directory
-from worker.package import sha256_file
+from runtime.package import sha256_file
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent

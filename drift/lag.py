@@ -28,7 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Gauge
 
-from worker.settings import KafkaSettings
+from runtime.settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
 

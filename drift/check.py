@@ -8,7 +8,7 @@ Contract:
     The final partial window (fewer than N records) **is reported**, flagged ``"partial": true``, and is
     tested against thresholds bootstrapped for its own size, so it keeps the same false-alarm rate.
   * Each window goes through exactly the path the stream uses: ``Classifier.predict`` →
-    ``WindowAccumulator`` (→ ``WindowStats``) → ``DriftDetector.update``.
+    ``summarize_window`` (→ ``WindowStats``, as the worker builds them) → ``DriftDetector.update``.
   * stdout carries only the JSON lines. ``"alert"`` is true when the detector raises a ``DriftAlert`` at
     this window, exactly when the monitor would publish one: at the start of a drift episode (and on a
     severity escalation), not on every drifted window. ``"alerts"`` names the alerted metrics and
@@ -26,6 +26,7 @@ import argparse
 import itertools
 import json
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from worker.drift import DetectorConfig, DriftDetector, WindowResult
-from worker.inference import Classifier
-from worker.package import PackageError
-from worker.window_stats import WindowAccumulator
+from drift.detector import DetectorConfig, DriftDetector, WindowResult
+from runtime.inference import Classifier
+from runtime.package import PackageError
+from runtime.window_stats import summarize_window, window_edges
 
 LABEL_ALIASES = {"pos": "POSITIVE", "positive": "POSITIVE", "neg": "NEGATIVE", "negative": "NEGATIVE",
                  "neu": "NEUTRAL", "neutral": "NEUTRAL"}
@@ -131,8 +132,7 @@ def run(classifier: Classifier, detector: DriftDetector, records: Iterable[Recor
     """Scores ``records`` window by window and writes one JSON line per window; returns the window count."""
     labels = classifier.labels
     threshold = detector.reference.threshold
-    accumulator = WindowAccumulator.for_manifest(classifier.manifest, classifier.ref, worker_id="drift-check",
-                                                 window_count=size, window_seconds=float("inf"))
+    edges = window_edges(classifier.manifest)
     count, start = 0, 0
     for chunk in windows(records, size):
         texts = [r.text for r in chunk]
@@ -146,8 +146,9 @@ def run(classifier: Classifier, detector: DriftDetector, records: Iterable[Recor
             conf[lo:lo + len(probs)] = probs.max(axis=1)
             cut[lo:lo + len(probs)] = predictions.truncated
         lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-        closed = accumulator.add_batch(pred, conf, conf < threshold, lengths, truncated=cut)
-        stats = closed[0] if closed else accumulator.flush()
+        now = time.time()
+        stats = summarize_window(classifier.ref, labels, edges, pred, conf, conf < threshold, lengths, cut,
+                                 start=now, end=now, worker_id="drift-check")
         if stats is None:  # unreachable: a non-empty chunk always closes or flushes a window
             raise RuntimeError("empty window")
         result = detector.update(stats)

@@ -104,12 +104,14 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from pydantic import ValidationError
 
+from drift.detector import SEVERITY_RANK, DetectorConfig, DriftDetector, WindowResult
+from drift.lag import LagExporter, lag_gauges
+from drift.reference import METRICS, DriftConfigError
+from runtime.errors import RefusedError, SentimentError
+from runtime.package import PackageError, read_manifest, resolve_package_dir
+from runtime.settings import DriftMonitorSettings
+from runtime.window_stats import StatsMergeError, merge_window_stats
 from schemas import DriftAlert, ModelManifest, ModelUpdate, RetrainRequest, WindowStats
-from worker.drift import METRICS, SEVERITY_RANK, DetectorConfig, DriftConfigError, DriftDetector, WindowResult
-from worker.lag import LagExporter, lag_gauges
-from worker.package import PackageError, read_manifest, resolve_package_dir
-from worker.settings import DriftMonitorSettings
-from worker.window_stats import StatsMergeError, merge_window_stats
 
 log = structlog.get_logger("sentiment.drift_monitor")
 
@@ -123,15 +125,15 @@ EXIT_ALREADY_RUNNING = 3
 COORDINATOR_WAIT_S = 120.0  # how long a start waits for the group coordinator of a broker that is starting
 
 
-class MonitorAlreadyRunning(RuntimeError):
+class MonitorAlreadyRunning(RefusedError):
     """Another instance is a live member of the monitor's consumer group."""
 
 
-class StateError(RuntimeError):
+class StateError(SentimentError):
     """The state snapshot cannot be read back."""
 
 
-class _TransactionFailed(RuntimeError):
+class _TransactionFailed(SentimentError):
     """A transaction of one poll failed and was aborted; the session restarts from the committed state."""
 
 
@@ -720,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"drift-monitor: invalid settings: {exc}", file=sys.stderr)
         return 2
-    from worker.logs import configure
+    from runtime.logs import configure
 
     configure(settings.log_level)
     metrics = MonitorMetrics()

@@ -21,8 +21,9 @@ import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from tokenizers import Encoding, Tokenizer
 
-from schemas import UNCERTAIN, ModelManifest, ModelRef
-from worker.package import LoadedPackage, load_package
+from runtime.numeric import softmax
+from runtime.package import LoadedPackage, load_package
+from schemas import ModelManifest, ModelRef
 
 # Sub-batch token budget: rows × padded length. Keeps one session call's activations small and its
 # latency predictable; 32 × 128 was the knee of the throughput curve on the 2-core machines.
@@ -61,21 +62,6 @@ def folded(text: str, max_length: int) -> str:
 class Predictions:
     probabilities: np.ndarray  # (n, num_labels), calibrated, rows sum to 1
     truncated: np.ndarray  # (n,) bool: the text was longer than max_length tokens
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    scaled = logits.astype(np.float64) / temperature
-    scaled -= scaled.max(axis=-1, keepdims=True)
-    exp = np.exp(scaled)
-    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def decide(probabilities: np.ndarray, labels: Sequence[str], threshold: float) -> tuple[str, str, float]:
-    """(label, predicted_label, confidence) for one row of calibrated probabilities."""
-    best = int(np.argmax(probabilities))
-    confidence = float(probabilities[best])
-    predicted = labels[best]
-    return (predicted if confidence >= threshold else UNCERTAIN), predicted, confidence
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -163,7 +149,7 @@ class Classifier:
 
     def _predict(self, encodings: list[Encoding], pairs: bool = False) -> Predictions:
         logits, truncated = self.logits_for(encodings, pairs)
-        return Predictions(softmax(logits, self.manifest.temperature), truncated)
+        return Predictions(softmax(logits, self.manifest.temperature, np.float32), truncated)
 
     def _feed(self, encodings: list[Encoding], pairs: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
         limit = self.max_length

@@ -4,7 +4,7 @@ Contract:
   * ``evaluate_absa(args, package_dir, manifest)`` has the signature of ``training.cli.EVALUATORS`` entries
     (reads ``args.data``, ``args.out``, ``args.limit``, ``args.threads`` and, when present, ``args.tagger``),
     so ``EVALUATORS["pair-classification"] = evaluate_absa`` wires it in. ``main(argv)`` is the same as a
-    stand-alone command: ``python -m training.absa_eval --model models/absa-en --data FILE.xml``.
+    stand-alone command: ``python -m training.absa.evaluate --model models/absa-en --data FILE.xml``.
   * Term polarity: every gold ``(text, aspect term)`` pair (``conflict`` dropped) through
     ``Classifier.predict_pairs`` — accuracy, macro-F1, per class, confusion, the manifest's UNCERTAIN threshold
     — in the document model's report format (``training.evaluate``). Category polarity (``aspectCategory``,
@@ -25,16 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.paths import DEFAULT_TAGGER_DIR
 from schemas import ModelManifest
-from training import absa_data
-from training.absa_data import LABELS, PairExample
+from training.absa import data as absa_data
+from training.absa.data import LABELS, PairExample
 from training.data import LabeledTexts, short_name
 
-DEFAULT_TAGGER = Path(__file__).resolve().parents[1] / "models" / "aspect-tagger-en"
+DEFAULT_TAGGER = DEFAULT_TAGGER_DIR
 
 
 def score_pairs(package_dir: Path, examples: Sequence[PairExample], threads: int) -> np.ndarray:
-    from worker.inference import Classifier
+    from runtime.inference import Classifier
 
     clf = Classifier.load(package_dir, intra_op_threads=threads)
     return clf.predict_pairs([e.text for e in examples], [e.aspect for e in examples]).probabilities.astype(
@@ -42,8 +43,8 @@ def score_pairs(package_dir: Path, examples: Sequence[PairExample], threads: int
 
 
 def extraction_scores(tagger_dir: Path, sentences: Sequence[absa_data.AbsaSentence], threads: int) -> dict:
-    from training.tagger import span_prf, tagged
-    from worker.absa_models import TokenTagger
+    from runtime.absa_models import TokenTagger
+    from training.absa.tagger import span_prf, tagged
 
     gold = tagged(sentences)
     predicted = TokenTagger.load(tagger_dir, intra_op_threads=threads).tag([s.text for s in gold])
@@ -105,7 +106,7 @@ def evaluate_absa(args: argparse.Namespace, package_dir: Path, manifest: ModelMa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.absa_eval", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.absa.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=Path("models/absa-en"))
     p.add_argument("--data", type=Path, required=True, help="SemEval-2014 / MAMS style XML")
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from worker.package import PackageError, resolve_package_dir, verify_package
+    from runtime.package import PackageError, resolve_package_dir, verify_package
 
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     try:

@@ -22,9 +22,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.paths import SHARED_DATA_DIR
 from schemas import DataFingerprint
 from training.data import LabeledTexts, sha256_bytes, short_name
-from worker.settings import SHARED_DATA_DIR
 
 LABELS = ["NEGATIVE", "NEUTRAL", "POSITIVE"]
 _POLARITY = {"negative": "NEGATIVE", "neutral": "NEUTRAL", "positive": "POSITIVE"}

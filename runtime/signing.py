@@ -26,10 +26,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from runtime.errors import UserError
+
 SIGNATURE_FILE = "manifest.sig"
 
 
-class SignatureError(Exception):
+class SignatureError(UserError):
     """The package is unsigned, or its signature does not verify with the configured public key."""
 
 

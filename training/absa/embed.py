@@ -9,7 +9,7 @@ Contract:
     (cosine ≥ the configured similarity threshold, per sentence × category prototype) agrees on ≥ 98% of pairs, else
     ``ParityError`` and nothing is written.
 
-``python -m training.absa_embed --out models/minilm-embed-en``.
+``python -m training.absa.embed --out models/minilm-embed-en``.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 from transformers import AutoModel
 
+from runtime.categories import load_category_config
 from schemas import MetricRecord, ModelManifest
 from training.export import ParityError
 from training.registry import assemble_package, new_version, publish_to_dir
-from worker.absa import load_category_config
 
-log = logging.getLogger("training.absa_embed")
+log = logging.getLogger("training.absa.embed")
 
 OUTPUT = "sentence_embedding"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -77,14 +77,14 @@ def export_fp32(base: Path, path: Path) -> Path:
 
 def embed_with(model_path: Path, tokenizer_json: Path, texts: Sequence[str]) -> np.ndarray:
     """Embeddings through the worker's runtime class (bare ONNX, no manifest)."""
-    from worker.absa_models import SentenceEmbedder
+    from runtime.absa_models import SentenceEmbedder
 
     return SentenceEmbedder.from_files(model_path, tokenizer_json, max_length=128, intra_op_threads=2).embed(texts)
 
 
 def parity_texts() -> tuple[list[str], list[str]]:
     """(category prototypes, sentences): what the gate compares on."""
-    from training import absa_data
+    from training.absa import data as absa_data
     categories = load_category_config(Path("worker/aspect_categories.json")).categories
     descriptions = [p for c in categories for p in c.prototypes]  # descriptions and example sentences
     sentences = [s.text for s in absa_data.read_xml(absa_data.MAMS_ATSA_VAL)[:400]]
@@ -93,7 +93,7 @@ def parity_texts() -> tuple[list[str], list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.absa_embed", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.absa.embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("models/minilm-embed-en"))
     p.add_argument("--work-dir", type=Path, default=Path("runs/absa-embed"))
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"| category detection agreement (cosine ≥ {threshold}) | {agreement:.4f} | ≥ {MIN_DETECTION_AGREEMENT} |\n"
         f"| nearest category agreement (argmax, also below threshold) | {nearest:.4f} | |\n\n"
         f"Sizes: fp32 {fp32.stat().st_size / 1e6:.1f} MB, INT8 {int8.stat().st_size / 1e6:.1f} MB.\n"
-        "Rebuild: `.venv/bin/python -m training.absa_embed --out models/minilm-embed-en`.\n",
+        "Rebuild: `.venv/bin/python -m training.absa.embed --out models/minilm-embed-en`.\n",
         encoding="utf-8")
     manifest = ModelManifest(
         name="minilm-embed-en", version=new_version(), task="sentence-embedding", labels=[],

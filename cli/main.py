@@ -21,9 +21,9 @@ from typing import TextIO
 DELEGATED = {
     "train": ("training.cli", "train_main", "Fine-tune, calibrate, export INT8 and package a model."),
     "evaluate": ("training.cli", "evaluate_main", "Evaluation report (report.md, metrics.json, plots)."),
-    "drift-check": ("worker.drift_check", "main", "Replay a JSONL file through the drift detector."),
-    "drift-fit": ("training.drift_fit", "main", "Fit a package's label-free accuracy estimator on shifted samples."),
-    "drift-monitor": ("worker.drift_monitor", "main", "Run the drift monitor (reads sentiment.stats)."),
+    "drift-check": ("drift.check", "main", "Replay a JSONL file through the drift detector."),
+    "drift-fit": ("drift.fit", "main", "Fit a package's label-free accuracy estimator on shifted samples."),
+    "drift-monitor": ("drift.monitor", "main", "Run the drift monitor (reads sentiment.stats)."),
     "trainer": ("training.trainer", "main", "Run the retraining service (reads sentiment.retrain-requests)."),
     "models": ("training.models_cli", "main", "Registry versions and gate decisions; roll CURRENT back."),
 }
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         module = __import__(module_name, fromlist=[function])
         return int(getattr(module, function)(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
-    from worker import logs
-    from worker.settings import WorkerSettings
+    from runtime.settings import WorkerSettings
+    from runtime import logs
 
     settings = WorkerSettings()
     logs.configure(settings.log_level)
@@ -168,7 +168,7 @@ def cmd_worker(args: argparse.Namespace, settings) -> int:
 
 
 def cmd_config(args: argparse.Namespace, settings) -> int:
-    from worker.settings import masked
+    from runtime.settings import masked
 
     print(json.dumps(masked(settings), indent=2, default=str))
     return 0
@@ -199,7 +199,7 @@ def cmd_produce(args: argparse.Namespace, settings) -> int:
     topic = args.topic or settings.input_topics[0]
     with _open_input(args.file) as stream:
         payloads = list(request_lines(stream, assign_ids=not args.no_ids))
-    from worker.kafka_io import produce_json
+    from runtime.kafka_io import produce_json
 
     sent = asyncio.run(produce_json(settings, topic, payloads, key_field=args.key_field))
     print(json.dumps({"topic": topic, "sent": sent}), file=sys.stderr)
@@ -207,8 +207,8 @@ def cmd_produce(args: argparse.Namespace, settings) -> int:
 
 
 def cmd_feedback(args: argparse.Namespace, settings) -> int:
+    from runtime.kafka_io import produce_json
     from schemas import Feedback
-    from worker.kafka_io import produce_json
 
     with _open_input(args.file) as stream:
         items = [Feedback.model_validate({"source": args.source, **json.loads(line)})
@@ -220,7 +220,7 @@ def cmd_feedback(args: argparse.Namespace, settings) -> int:
 
 
 def cmd_tail(args: argparse.Namespace, settings) -> int:
-    from worker.kafka_io import tail
+    from runtime.kafka_io import tail
 
     topic = args.topic or settings.labeled_topic
     count = asyncio.run(tail(settings, topic, from_beginning=args.from_beginning, group=args.group,
@@ -271,7 +271,7 @@ def cmd_replay(args: argparse.Namespace, settings) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace, settings) -> int:
-    from worker.signing import generate_keypair
+    from runtime.signing import generate_keypair
 
     for path in (args.private, args.public):
         if path.exists():
@@ -283,9 +283,9 @@ def cmd_keygen(args: argparse.Namespace, settings) -> int:
 
 
 def cmd_sign(args: argparse.Namespace, settings) -> int:
+    from runtime.package import MANIFEST_FILE, PackageError, resolve_package_dir, verify_package
+    from runtime.signing import SIGNATURE_FILE, SignatureError, load_private_key, sign_manifest
     from schemas import ModelManifest
-    from worker.package import MANIFEST_FILE, PackageError, resolve_package_dir, verify_package
-    from worker.signing import SIGNATURE_FILE, SignatureError, load_private_key, sign_manifest
 
     package_dir = resolve_package_dir(args.package)
     try:

@@ -8,7 +8,7 @@ Contract:
     ``training.export.export_int8`` (same parity gate as the document model), fits the temperature on the
     INT8 dev logits, picks the UNCERTAIN threshold with ``training.evaluate.choose_threshold``, and writes a
     ``pair-classification`` package whose report gives accuracy and macro-F1 per dev set, measured through
-    ``worker.inference.Classifier.predict_pairs`` (what the worker serves).
+    ``runtime.inference.Classifier.predict_pairs`` (what the worker serves).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from schemas import MetricRecord, ModelManifest
-from training import absa_data
-from training.absa_data import LABELS, PairExample, as_labeled_texts
+from training.absa import data as absa_data
+from training.absa.data import LABELS, PairExample, as_labeled_texts
 from training.data import LabeledTexts, concat
 
 log = logging.getLogger("training.absa")
@@ -78,7 +78,7 @@ def train_main(args: argparse.Namespace) -> int:
 
 def served_probabilities(package_dir: Path, examples: Sequence[PairExample], threads: int = 2) -> np.ndarray:
     """Calibrated probabilities through the worker runtime's ``predict_pairs`` (hash-verified load)."""
-    from worker.inference import Classifier
+    from runtime.inference import Classifier
 
     clf = Classifier.load(package_dir, intra_op_threads=threads)
     return clf.predict_pairs([e.text for e in examples], [e.aspect for e in examples]).probabilities.astype(
@@ -106,7 +106,8 @@ def display_texts(examples: Sequence[PairExample]) -> list[str]:
 
 
 def package_main(args: argparse.Namespace) -> int:
-    from training.calibrate import confidence_reference, ece, fit_temperature, softmax
+    from runtime.numeric import softmax
+    from training.calibrate import confidence_reference, ece, fit_temperature
     from training.evaluate import evaluate, write_report
     from training.export import ParityGate, export_int8
     from training.model import load_model

@@ -1,6 +1,6 @@
 """Throughput of the labeller with and without the aspect stage (a benchmark, not a test).
 
-``python -m training.absa_bench [--doc-model models/sentiment-en] [--n 512] [--batch 32]``
+``python -m bench.absa [--doc-model models/sentiment-en] [--n 512] [--batch 32]``
 
 Measures texts/s over micro-batches of real review sentences (MAMS ATSA val) for:
   * classify-only: the document classifier's ``predict`` (the ABSA package stands in when no document model is
@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from training import absa_data
+from runtime.inference import Classifier
+from training.absa import data as absa_data
 from worker.absa import AspectStage, default_paths
-from worker.inference import Classifier
 
 
 def texts_with_aspects(n: int, k: int = 3) -> tuple[list[str], list[list[str]]]:
@@ -48,7 +48,7 @@ def rate(fn: Callable[[int], None], batches: int, batch: int, rounds: int) -> fl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.absa_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.absa", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--doc-model", type=Path, help="document model package (default: the ABSA package stands in)")
     p.add_argument("--n", type=int, default=512)

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from worker.settings import KafkaSettings
+from runtime.settings import KafkaSettings
 
 
 async def produce_json(settings: KafkaSettings, topic: str, payloads: Iterable[dict[str, Any]],

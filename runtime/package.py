@@ -20,8 +20,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from runtime.errors import UserError
+from runtime.signing import SIGNATURE_FILE, SignatureError, check_signature
 from schemas import ModelManifest
-from worker.signing import SIGNATURE_FILE, SignatureError, check_signature
 
 MANIFEST_FILE = "manifest.json"
 CURRENT_POINTER = "CURRENT"
@@ -29,7 +30,7 @@ CURRENT_POINTER = "CURRENT"
 SERVED_FILES = ("model.onnx", "tokenizer.json")
 
 
-class PackageError(Exception):
+class PackageError(UserError):
     """The package is missing, malformed, or does not match its manifest. The worker refuses to serve it."""
 
 

@@ -2,7 +2,7 @@
 
 Contract:
   * ``TokenTagger.load(dir)`` / ``SentenceEmbedder.load(dir)`` verify the package hashes first
-    (``worker.package.verify_package``) and refuse a package of the wrong ``task``.
+    (``runtime.package.verify_package``) and refuse a package of the wrong ``task``.
   * ``TokenTagger.tag(texts)`` returns, per text, the aspect-term spans ``(start, end)`` in code points of
     that text (``text[start:end]`` is the term), decoded from BIO labels on the first sub-token of each
     word. One call runs the whole list (length-sorted sub-batches inside).
@@ -19,9 +19,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
+from runtime.inference import DEFAULT_TOKEN_BUDGET, bounded_text, plan_sub_batches, session_options
+from runtime.package import PackageError, resolve_package_dir, verify_package
 from schemas import ModelManifest
-from worker.inference import DEFAULT_TOKEN_BUDGET, bounded_text, plan_sub_batches, session_options
-from worker.package import PackageError, resolve_package_dir, verify_package
 
 BIO_LABELS = ["O", "B-ASP", "I-ASP"]
 

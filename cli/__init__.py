@@ -1,0 +1,1 @@
+"""The ``sentiment`` command line: one click group above the worker, drift and training rooms."""
