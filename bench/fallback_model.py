@@ -17,7 +17,7 @@ from runtime.paths import REPO_ROOT
 
 REPO = REPO_ROOT
 CACHE_DIR = REPO / ".cache" / "bench" / "minilm-l6-int8-random-head"
-MAX_LENGTH = 64  # what training/cli.py and the sentiment-en run use
+MAX_LENGTH = 64  # what `sentiment train` (training/workflow.py) and the sentiment-en run use
 
 
 def ensure_fallback_package(out_dir: Path = CACHE_DIR) -> Path:

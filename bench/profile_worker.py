@@ -34,7 +34,7 @@ FRAMES = {  # label → (function name or "", a piece of the file path) of a fra
     "Labeler._build (LabeledEvent objects)": ("_build", "pipeline.py"),
     "StreamWorker.process_batch (event loop, all)": ("process_batch", "app.py"),
     "StreamWorker._decode": ("_decode", "app.py"),
-    "StreamWorker._deliver (serialise + sends + acks)": ("_deliver", "app.py"),
+    "StreamWorker._deliver (serialise + sends + acks)": ("_deliver", "delivery.py"),
     "to_json_bytes": ("to_json_bytes", ""),
     "StreamWorker._observe (metrics)": ("_observe", "app.py"),
     "window stats": ("add_batch", "window_stats.py"),

@@ -4,8 +4,8 @@
                                    [--load-n 20000] [-k EXPR]
 
 Phases, in this order:
-  * ``faults``: tests/test_faults.py with SENTIMENT_FAULT_KILL_N / _FUZZ_N / _LOAD_N set (kill -9 ×5,
-    fuzzing, rebalance, broker restart, SIGTERM).
+  * ``faults``: tests/test_faults.py and test_faults_input.py with SENTIMENT_FAULT_KILL_N / _FUZZ_N / _LOAD_N
+    set (kill -9 ×5, fuzzing, rebalance, broker restart, SIGTERM).
   * ``hostile`` (issue 11): lone surrogates in id/text/key/metadata, 1 MB keys, outputs the broker refuses,
     an aborted transaction (tests/test_hostile.py); forged and unsigned model updates
     (tests/test_model_updates.py); the worst ABSA batch under the stated peak-RSS bound; a 20 s batch while a
@@ -31,7 +31,7 @@ from runtime.paths import REPO_ROOT
 
 REPO = REPO_ROOT
 PHASES = {
-    "faults": ["tests/test_faults.py"],
+    "faults": ["tests/test_faults.py", "tests/test_faults_input.py"],
     "hostile": ["tests/test_hostile.py", "tests/test_model_updates.py", "tests/test_trainer_crash.py",
                 "tests/test_drift_monitor_crash.py"],
 }

@@ -17,15 +17,14 @@ Contract:
   * When records carry a ``"label"`` (a label name, any case, or an index into the model's labels, e.g.
     SST-2's 0/1), the window's true accuracy is printed as ``"accuracy"`` over the ``n_labelled`` records
     whose label the model knows.
-  * Exit status: 0 on success, 1 when the model or the input cannot be read, 2 on bad arguments.
+  * Exit status (``sentiment drift-check``, README "Exit codes"): 0 on success, 2 when the model or the
+    input cannot be read or an argument is invalid.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ import numpy as np
 
 from drift.detector import DetectorConfig, DriftDetector, WindowResult
 from runtime.inference import Classifier
-from runtime.package import PackageError
 from runtime.window_stats import summarize_window, window_edges
 
 LABEL_ALIASES = {"pos": "POSITIVE", "positive": "POSITIVE", "neg": "NEGATIVE", "negative": "NEGATIVE",
@@ -163,56 +161,31 @@ def run(classifier: Classifier, detector: DriftDetector, records: Iterable[Recor
     return count
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sentiment drift-check",
-        description="Replay a JSONL (or plain text) file through the drift detector: one JSON line per window "
-                    "of N consecutive records, in file order; the last, partial window is included "
-                    "(\"partial\": true).")
-    parser.add_argument("--model", required=True, type=Path, help="Model package (or registry model) directory.")
-    parser.add_argument("--input", required=True, help="JSONL with a \"text\" field (optional \"label\"), "
-                                                       "or plain text lines; '-' reads stdin.")
-    parser.add_argument("--window", required=True, type=int, help="Records per window (N >= 1).")
-    parser.add_argument("--batch-size", type=int, default=256, help="Texts per inference call (default 256).")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="UNCERTAIN threshold the stream uses (default: the manifest's).")
-    parser.add_argument("--false-alarm-rate", type=float, default=DetectorConfig.false_alarm_rate,
-                        help="Family-wise false-alarm rate per window for the single-window path "
-                             f"(default {DetectorConfig.false_alarm_rate}).")
-    parser.add_argument("--replicates", type=int, default=DetectorConfig.replicates,
-                        help=f"Bootstrap replicates per window size (default {DetectorConfig.replicates}).")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1).")
-    return parser
+@dataclass(frozen=True)
+class CheckOptions:
+    """What ``sentiment drift-check`` passes in; None leaves ``DetectorConfig``'s default."""
+
+    model: Path
+    window: int
+    batch_size: int = 256
+    threshold: float | None = None
+    false_alarm_rate: float | None = None
+    replicates: int | None = None
+    threads: int = 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.window < 1 or args.batch_size < 1 or args.replicates < 100:
-        print("drift-check: --window and --batch-size must be >= 1, --replicates >= 100", file=sys.stderr)
-        return 2
-    try:
-        classifier = Classifier.load(args.model, intra_op_threads=args.threads)
-        config = DetectorConfig(threshold=args.threshold, false_alarm_rate=args.false_alarm_rate,
-                                replicates=args.replicates)
-        detector = DriftDetector(classifier.manifest, config)
-    except (PackageError, OSError, ValueError) as exc:
-        print(f"drift-check: cannot load model {args.model}: {exc}", file=sys.stderr)
-        return 1
+def check(options: CheckOptions, source: TextIO, out: TextIO) -> tuple[int, int]:
+    """Loads the model and its detector, replays ``source``; returns (windows written, lines skipped).
+
+    A model that cannot be loaded raises ``PackageError`` (a ``UserError``), bad detector knobs ``ValueError``.
+    """
+    if options.window < 1 or options.batch_size < 1:
+        raise ValueError("window and batch_size must be >= 1")
+    classifier = Classifier.load(options.model, intra_op_threads=options.threads)
+    knobs = {"threshold": options.threshold, "false_alarm_rate": options.false_alarm_rate,
+             "replicates": options.replicates}
+    config = DetectorConfig(**{k: v for k, v in knobs.items() if v is not None})
+    detector = DriftDetector(classifier.manifest, config)
     skipped = [0]
-    try:
-        if args.input == "-":
-            count = run(classifier, detector, read_records(sys.stdin, skipped), args.window, args.batch_size,
-                        sys.stdout)
-        else:
-            with open(args.input, encoding="utf-8", errors="replace") as handle:
-                count = run(classifier, detector, read_records(handle, skipped), args.window, args.batch_size,
-                            sys.stdout)
-    except OSError as exc:
-        print(f"drift-check: cannot read {args.input}: {exc}", file=sys.stderr)
-        return 1
-    print(f"drift-check: {count} window(s), {skipped[0]} line(s) skipped", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    count = run(classifier, detector, read_records(source, skipped), options.window, options.batch_size, out)
+    return count, skipped[0]

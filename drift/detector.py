@@ -36,7 +36,7 @@ SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """Knobs of the detector; the defaults are the ones measured in worker/DRIFT.md."""
+    """Knobs of the detector; the defaults are the ones measured in drift/README.md."""
 
     false_alarm_rate: float = 0.002  # family-wise, per window, single-window path
     warn_rate: float = 0.02  # family-wise, per window; needs `consecutive` windows in a row
@@ -71,7 +71,7 @@ def estimator_parameters(manifest: ModelManifest, cfg: DetectorConfig) -> tuple[
 
     A package may carry ``"drift_estimator": {"atc_weight": w, "shift_slope": k, "truncation_penalty": c}``
     (``sentiment drift-fit``, on labelled shifted data for that model); the defaults were fitted for the first
-    sentiment-en package (worker/DRIFT.md).
+    sentiment-en package (drift/README.md).
     """
     extra = (manifest.model_extra or {}).get("drift_estimator")
     extra = extra if isinstance(extra, dict) else {}

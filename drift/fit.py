@@ -1,6 +1,6 @@
 """``sentiment drift-fit``: fit a package's label-free accuracy estimator on labelled shifted samples.
 
-The drift monitor estimates a window's accuracy without labels (worker/DRIFT.md §2): offset CBPE, with the
+The drift monitor estimates a window's accuracy without labels (drift/README.md §2): offset CBPE, with the
 drop below the reference scaled by ``shift_slope`` k, an ``atc_weight`` w blend with ATC, and a
 ``truncation_penalty`` c per truncated text. Those constants are model-specific, so every package should
 carry its own ``drift_estimator`` entry; this command measures it.
@@ -18,14 +18,12 @@ Contract:
     "loo_mean_abs_error"}`` as ``drift_estimator`` in ``manifest.json`` (an extra key the schema allows;
     the manifest hashes the other files, not itself) and verifies the package still loads.
   * stdout: one JSON object (per-domain rows, the fit, the leave-one-out errors); ``--markdown`` prints the
-    table instead. Exit status 1 when the package or a file cannot be used (message on stderr).
+    table instead. Exit status 2 when the package or a file cannot be used (one line on stderr: the
+    ``UserError``s ``PackageError``, ``DriftConfigError``, ``DriftFitError``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from drift.check import label_index, read_records
-from drift.reference import AccuracyEstimator, DriftConfigError, Reference, WindowSummary
+from drift.reference import AccuracyEstimator, Reference, WindowSummary
 from runtime.errors import UserError
 from runtime.inference import Classifier
-from runtime.package import PackageError, read_manifest, save_manifest, verify_package
+from runtime.package import read_manifest, save_manifest, verify_package
 from runtime.window_stats import summarize_window, window_edges
 from schemas import ModelManifest
 
@@ -182,42 +180,13 @@ def write_estimator(package_dir: Path, result: dict) -> None:
     verify_package(package_dir)
 
 
-def _domain(spec: str) -> tuple[str, Path]:
-    name, sep, file = spec.partition("=")
-    if not sep or not name or not file:
-        raise argparse.ArgumentTypeError(f"expected NAME=FILE, got {spec!r}")
-    return name, Path(file)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sentiment drift-fit",
-        description="Fit the drift monitor's label-free accuracy estimator (drift_estimator) of a package on "
-                    "labelled shifted samples, one window per domain, with leave-one-domain-out errors.")
-    parser.add_argument("--model", required=True, type=Path, help="Model package directory.")
-    parser.add_argument("--domain", required=True, type=_domain, action="append", metavar="NAME=FILE",
-                        help="labelled JSONL sample of one shifted domain (repeat; at least 3)")
-    parser.add_argument("--write", action="store_true", help="store the fit in the package's manifest.json")
-    parser.add_argument("--markdown", action="store_true", help="print a markdown table instead of JSON")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        classifier = Classifier.load(args.model, intra_op_threads=args.threads)
-        ref = Reference.from_manifest(classifier.manifest)
-        windows = [domain_window(classifier, ref, name, path) for name, path in args.domain]
-        result = report(classifier, ref, windows)
-    except (DriftFitError, DriftConfigError, PackageError, OSError) as exc:
-        print(f"drift-fit: {exc}", file=sys.stderr)
-        return 1
-    if args.write:
-        write_estimator(args.model, result)
-    print(markdown(result) if args.markdown else json.dumps(result, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def fit_package(model: Path, domains: Sequence[tuple[str, Path]], threads: int = 2, write: bool = False) -> dict:
+    """``sentiment drift-fit``: scores each (name, file) domain, fits, and with ``write`` stores the fit in the
+    package's manifest; returns the report (``report``). Unusable input raises a ``UserError``."""
+    classifier = Classifier.load(model, intra_op_threads=threads)
+    ref = Reference.from_manifest(classifier.manifest)
+    windows = [domain_window(classifier, ref, name, path) for name, path in domains]
+    result = report(classifier, ref, windows)
+    if write:
+        write_estimator(model, result)
+    return result

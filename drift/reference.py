@@ -30,7 +30,7 @@ from schemas import ModelManifest, WindowStats
 MetricName = Literal["psi_confidence", "label_mix_js", "uncertain_rate", "estimated_accuracy"]
 METRICS: tuple[MetricName, ...] = ("psi_confidence", "label_mix_js", "uncertain_rate", "estimated_accuracy")
 # Label-free accuracy estimate (see AccuracyEstimator) for packages without a ``drift_estimator`` entry: the fit
-# of the first sentiment-en package on nine shifted sets (worker/DRIFT.md); `sentiment drift-fit` fits a package.
+# of the first sentiment-en package on nine shifted sets (drift/README.md); `sentiment drift-fit` fits a package.
 DEFAULT_ATC_WEIGHT = 0.0
 DEFAULT_SHIFT_SLOPE = 1.5
 DEFAULT_TRUNCATION_PENALTY = 0.06
@@ -149,7 +149,7 @@ class AccuracyEstimator:
         is scaled by ``shift_slope`` (measured: under domain shift accuracy falls faster than confidence),
         and ``truncation_penalty`` × (fraction of the window cut to max_length) is subtracted (measured:
         a text cut before inference is classified from its beginning only, and the model is as confident
-        about that beginning as about a whole sentence). See worker/DRIFT.md. ``shift_slope = 1``,
+        about that beginning as about a whole sentence). See drift/README.md. ``shift_slope = 1``,
         ``atc_weight = 0`` and no penalty is plain offset CBPE.
     The estimate is linear in the histogram, so it vectorises over bootstrap replicates.
     """

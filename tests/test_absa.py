@@ -200,12 +200,12 @@ def test_long_texts_are_classified_on_the_aspects_sentence() -> None:
 
 
 def test_xml_evaluation_reports_polarity_and_extraction(tmp_path, monkeypatch) -> None:
-    import argparse
     import json
 
     import training.calibrate
     import training.evaluate
     from training.absa.evaluate import evaluate_absa
+    from training.workflow import EvaluateOptions
 
     # The PNG plots cost most of this test's time (matplotlib); the numbers and report.md are what it checks.
     for module, name in ((training.evaluate, "plot_confusion"), (training.evaluate, "plot_threshold"),
@@ -221,8 +221,8 @@ def test_xml_evaluation_reports_polarity_and_extraction(tmp_path, monkeypatch) -
         '<sentence id="2"><text>The keyboard is fine.</text><aspectTerms>'
         '<aspectTerm term="keyboard" polarity="conflict" from="4" to="12"/></aspectTerms></sentence>'
         "</sentences>", encoding="utf-8")
-    args = argparse.Namespace(data=xml, out=tmp_path / "report", limit=None, threads=1)
-    out = evaluate_absa(args, PATHS.absa_model_dir, verify_package(PATHS.absa_model_dir))
+    options = EvaluateOptions(input=xml, output=tmp_path / "report", threads=1)
+    out = evaluate_absa(PATHS.absa_model_dir, verify_package(PATHS.absa_model_dir), options)
     summary = json.loads((out / "absa-summary.json").read_text())
     assert summary["term_polarity"]["n"] == 2  # conflict dropped
     assert summary["term_extraction"]["gold"] == 3

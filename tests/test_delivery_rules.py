@@ -10,8 +10,9 @@ from aiokafka.errors import KafkaTimeoutError, RecordTooLargeError
 
 from runtime.inference import Classifier
 from runtime.settings import WorkerSettings
-from worker.app import Output, StreamWorker, resend_order
+from worker.app import StreamWorker
 from worker.decode import DecodeLimits, RecordMeta, dead_letter
+from worker.delivery import Output, resend_order
 
 
 def test_resend_order_resends_each_failed_keys_suffix_in_input_order() -> None:

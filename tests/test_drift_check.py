@@ -11,7 +11,8 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from drift.check import Record, label_index, main, parse_line, run
+from cli.main import main as sentiment
+from drift.check import Record, label_index, parse_line, run
 from drift.detector import DetectorConfig, DriftDetector
 from runtime.numeric import BIN_EDGES as DEFAULT_BIN_EDGES
 from schemas import ConfidenceReference, ModelManifest, ModelRef
@@ -21,7 +22,7 @@ REQUIRED = {"window", "n", "psi", "psi_threshold", "js", "js_threshold", "uncert
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[dict]]:
-    code = main(argv)
+    code = sentiment(["drift-check", *argv])
     out = capsys.readouterr().out
     return code, [json.loads(line) for line in out.splitlines() if line.strip()]
 
@@ -62,10 +63,12 @@ def test_plain_text_input_has_no_accuracy(tiny_model: Path, tmp_path: Path,
 
 
 def test_bad_arguments_and_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--model", str(tmp_path), "--input", "x", "--window", "0"]) == 2
-    assert main(["--model", str(tmp_path / "nope"), "--input", "x", "--window", "5"]) == 1
-    with pytest.raises(SystemExit):
-        main(["--help"])
+    texts = tmp_path / "in.txt"
+    texts.write_text("a line\n")
+    assert sentiment(["drift-check", "--model", str(tmp_path), "--input", str(texts), "--window", "0"]) == 2
+    assert sentiment(["drift-check", "--model", str(tmp_path), "--input", str(tmp_path / "x"), "--window", "5"]) == 2
+    assert sentiment(["drift-check", "--model", str(tmp_path / "nope"), "--input", str(texts), "--window", "5"]) == 2
+    assert sentiment(["drift-check", "--help"]) == 0
     capsys.readouterr()
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from drift.monitor import DriftMonitor, MonitorMetrics, run
+from drift.monitor import DriftMonitor, MonitorMetrics
+from drift.service import run
 from runtime.paths import SHARED_DATA_DIR
 from runtime.settings import DriftMonitorSettings
 from schemas import DriftAlert

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli.main import main as sentiment
 from drift.detector import DetectorConfig, DriftDetector
-from drift.fit import DomainWindow, estimate, fit, main
+from drift.fit import DomainWindow, estimate, fit
 from drift.reference import Reference, WindowSummary
 from runtime.package import read_manifest, verify_package
 from tests.test_drift import manifest as reference_manifest
@@ -61,7 +62,7 @@ def test_write_stores_the_fit_where_the_detector_reads_it(tiny_model: Path, tmp_
     for i in range(3):
         texts = generated_sentences(60, seed=10 + i)
         domains += ["--domain", f"d{i}={labelled_file(tmp_path / f'd{i}.jsonl', texts, [j % 2 for j in range(60)])}"]
-    assert main(["--model", str(package), *domains, "--write"]) == 0
+    assert sentiment(["drift-fit", "--model", str(package), *domains, "--write"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [row["domain"] for row in report["domains"]] == ["d0", "d1", "d2"]
     assert all(row["n"] == 60 and 0.0 <= row["accuracy"] <= 1.0 for row in report["domains"])
@@ -75,10 +76,12 @@ def test_write_stores_the_fit_where_the_detector_reads_it(tiny_model: Path, tmp_
 
 def test_unusable_input_is_an_error_not_a_traceback(tiny_model: Path, tmp_path: Path) -> None:
     path = labelled_file(tmp_path / "d.jsonl", ["good film", "bad film"], [1, 0])
-    assert main(["--model", str(tiny_model), "--domain", f"a={path}", "--domain", f"b={path}"]) == 1
+    assert sentiment(["drift-fit", "--model", str(tiny_model), "--domain", f"a={path}", "--domain", f"b={path}"]) == 2
     unlabelled = tmp_path / "u.jsonl"
     unlabelled.write_text('{"text": "no label here"}\n')
-    assert main(["--model", str(tiny_model), "--domain", f"a={path}", "--domain", f"b={path}",
-                 "--domain", f"c={unlabelled}"]) == 1
-    assert main(["--model", str(tmp_path / "no-such-package"), "--domain", f"a={path}", "--domain", f"b={path}",
-                 "--domain", f"c={path}"]) == 1
+    assert sentiment(["drift-fit", "--model", str(tiny_model), "--domain", f"a={path}", "--domain", f"b={path}",
+                      "--domain", f"c={unlabelled}"]) == 2
+    assert sentiment(["drift-fit", "--model", str(tmp_path / "no-such-package"), "--domain", f"a={path}",
+                      "--domain", f"b={path}", "--domain", f"c={path}"]) == 2
+    assert sentiment(["drift-fit", "--model", str(tiny_model), "--domain", f"a={path}", "--domain", f"b={path}",
+                      "--domain", f"c={tmp_path / 'missing.jsonl'}"]) == 2

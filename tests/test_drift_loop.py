@@ -37,17 +37,17 @@ def spawn(command: str, env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def test_drift_alert_retrains_promotes_and_the_worker_reloads(topics: Topics, tmp_path_factory, tmp_path):
-    from training.cli import train_main
+    from cli.main import main as sentiment
     from training.tiny import build_tiny_encoder
 
     encoder = build_tiny_encoder(tmp_path_factory.mktemp("encoder"))
     registry = tmp_path / "registry"
     base = write_jsonl(tmp_path / "base.jsonl", sentences(300, words=OLD_WORDS, seed=1))
     holdout = write_jsonl(tmp_path / "holdout.jsonl", sentences(200, words=OLD_WORDS, seed=2))
-    assert train_main(["--train", str(base), "--dev", str(holdout), "--base-encoder", str(encoder), "--name", "loop",
-                       "--registry", str(registry), "--work-dir", str(tmp_path / "champion-work"),
-                       "--max-steps", "40", "--batch-size", "16", "--lr", "3e-3", "--eval-every", "20",
-                       "--max-length", "32", "--no-baselines", "--version", "1"]) == 0
+    assert sentiment(["train", "--train", str(base), "--dev", str(holdout), "--base-encoder", str(encoder),
+                      "--name", "loop", "--registry", str(registry), "--work-dir", str(tmp_path / "champion-work"),
+                      "--max-steps", "40", "--batch-size", "16", "--lr", "3e-3", "--eval-every", "20",
+                      "--max-length", "32", "--no-baselines", "--version", "1"]) == 0
     env = {**topics.env(), "HF_HUB_OFFLINE": "1", "SENTIMENT_MODEL_DIR": str(registry / "loop"),
            "SENTIMENT_REGISTRY_DIR": str(registry), "SENTIMENT_STATS_WINDOW_COUNT": "50",
            # monitor: pooled windows of 100, fast bootstrap, retrain from the first warning

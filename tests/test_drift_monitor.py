@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drift.monitor import DriftMonitor, MonitorMetrics, run
+from drift.monitor import DriftMonitor, MonitorMetrics
+from drift.service import run
 from runtime.numeric import BIN_EDGES as DEFAULT_BIN_EDGES
 from runtime.settings import DriftMonitorSettings
 from schemas import ConfidenceReference, DriftAlert, ModelManifest, ModelRef, ModelUpdate, RetrainRequest, WindowStats
@@ -162,7 +163,7 @@ def test_monitor_process_stops_cleanly_on_sigterm(kafka: str, topics: Topics, tm
            "SENTIMENT_MODEL_DIR": str(tmp_path / "sentiment-en"), "SENTIMENT_DRIFT_METRICS_PORT": "0"}
     asyncio.run(create_topic(topics.stats, 1))
     asyncio.run(create_topic(topics.model_updates, 1))
-    proc = subprocess.Popen([sys.executable, "-m", "drift.monitor"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "drift-monitor"], cwd=REPO, env=env,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
@@ -185,7 +186,7 @@ def test_monitor_process_stops_cleanly_on_sigterm(kafka: str, topics: Topics, tm
 
 
 def test_help_exits_zero() -> None:
-    result = subprocess.run([sys.executable, "-m", "drift.monitor", "--help"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "cli", "drift-monitor", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "drift-monitor" in result.stdout
 

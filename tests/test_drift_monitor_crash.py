@@ -23,7 +23,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from drift.monitor import DriftMonitor, MonitorMetrics, run
+from drift.monitor import DriftMonitor, MonitorMetrics
+from drift.service import run
 from runtime.settings import DriftMonitorSettings
 from schemas import DriftAlert, RetrainRequest
 from tests.kafka_helpers import BOOTSTRAP, REPO, Topics, create_topic, produce_raw, report
@@ -407,7 +408,8 @@ def test_a_stats_record_whose_histogram_does_not_match_its_edges_is_skipped_not_
 
     from pydantic import ValidationError
 
-    from drift.monitor import DriftMonitor, _handle_record
+    from drift.monitor import DriftMonitor
+    from drift.service import _handle_record
     from runtime.settings import DriftMonitorSettings
     from schemas import WindowStats
 

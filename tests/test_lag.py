@@ -1,4 +1,4 @@
-"""Consumer lag read from the broker (worker/lag.py) on the real broker: committed offsets vs partition ends."""
+"""Consumer lag read from the broker (drift/lag.py) on the real broker: committed offsets vs partition ends."""
 
 from __future__ import annotations
 

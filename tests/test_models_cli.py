@@ -162,7 +162,8 @@ def test_the_trainers_recovery_finishes_a_rollback_that_crashed_after_current_mo
     from aiokafka import AIOKafkaProducer
 
     from runtime.settings import TrainerSettings
-    from training.trainer import Decision, finish_pending, write_journal
+    from training.job import Decision
+    from training.promotion import finish_pending, write_journal
 
     settings = TrainerSettings(registry_dir=registry, model_name=MODEL, kafka_bootstrap=BOOTSTRAP,
                                model_updates_topic=topics.model_updates)

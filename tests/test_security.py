@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.kafka_helpers import REPO, Topics, WorkerProcess
-from tests.test_faults import SeparateBroker
+from tests.test_faults_input import SeparateBroker
 
 pytestmark = [pytest.mark.kafka]
 
@@ -71,7 +71,7 @@ def secure_broker(kafka, tmp_path_factory) -> SecureBroker:
     keystore_password = secrets.token_hex(8)
     ca, keystore, _ = make_pki(home / "pki", keystore_password)
     plain = SeparateBroker(home)  # picks the PLAINTEXT/controller ports
-    from tests.test_faults import _free_port_pair
+    from tests.test_faults_input import _free_port_pair
 
     ssl_port = _free_port_pair()
     while ssl_port in (plain.port, plain.port + 1):
@@ -142,7 +142,7 @@ def test_worker_cli_and_drift_monitor_work_over_sasl_ssl_and_never_print_the_pas
     monitor = subprocess.Popen([sys.executable, "-m", "cli", "drift-monitor"], cwd=REPO,
                                env={**os.environ, **monitor_env}, stdout=monitor_log, stderr=subprocess.STDOUT)
     try:
-        produced = cli(["produce", "--topic", topics.requests, "-"], env, stdin=lines)
+        produced = cli(["produce", "--topic", topics.requests, "--input", "-"], env, stdin=lines)
         assert produced.returncode == 0, produced.stderr[-2000:]
         assert json.loads(produced.stderr.strip().splitlines()[-1]) == {"topic": topics.requests, "sent": n}
         tailed = cli(["tail", "--topic", topics.labeled, "--from-beginning", "--max-messages", str(n),
@@ -200,7 +200,7 @@ def test_wrong_password_plaintext_and_untrusted_ca_are_all_refused(secure_broker
     for name, env in cases.items():
         env = {k: v for k, v in env.items() if v != ""}
         try:
-            result = cli(["produce", "--topic", topic, "-"], env, stdin=line, timeout=60)
+            result = cli(["produce", "--topic", topic, "--input", "-"], env, stdin=line, timeout=60)
             refused = result.returncode != 0
             detail = result.stderr
         except subprocess.TimeoutExpired:

@@ -71,7 +71,7 @@ def labelled(tiny_model, challenger, tmp_path_factory) -> tuple[list[Feedback], 
     """Feedback and a holdout labelled by the challenger's own predictions: it wins the gate, the champion
     (``tiny_model``) loses on held-out feedback."""
     from training.evaluate import score_package
-    from training.trainer import is_held_out
+    from training.job import is_held_out
 
     texts = [t for t, _ in sentences(60, 11)]
     gold = score_package(challenger, texts).argmax(axis=1)
@@ -167,7 +167,7 @@ def test_kill9_at_each_promotion_step_converges_after_restart(step, env, labelle
 
 def test_recovery_abandons_a_promotion_whose_package_was_never_published(tmp_path):
     from runtime.settings import TrainerSettings
-    from training.trainer import finish_pending
+    from training.promotion import finish_pending
 
     settings = TrainerSettings(registry_dir=tmp_path, model_name=MODEL)
     root = tmp_path / MODEL
@@ -210,7 +210,7 @@ def test_a_torn_feedback_line_is_skipped_and_later_jobs_run(env, labelled, chall
 
 
 def test_feedback_store_reads_past_a_torn_tail_and_appends_cleanly(tmp_path):
-    from training.trainer import FeedbackStore
+    from training.store import FeedbackStore
 
     path = tmp_path / "feedback.jsonl"
     first = Feedback(id="a", text="fine", label="POSITIVE")
@@ -337,8 +337,8 @@ def test_the_gate_never_scores_on_rows_that_chose_the_challenger(tiny_model, tmp
     import training.pipeline
     import training.train
     from runtime.settings import TrainerSettings
-    from training import trainer as trainer_mod
-    from training.trainer import run_job
+    from training import job as trainer_mod
+    from training.job import run_job
 
     holdout = tmp_path / "holdout.jsonl"
     labels = ("POSITIVE", "NEGATIVE")

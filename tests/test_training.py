@@ -141,14 +141,14 @@ def test_temperature_scaling_reduces_ece_and_keeps_argmax() -> None:
 
 def test_train_export_gate_report_serve(tmp_path: Path, tiny_encoder: Path) -> None:
     """`sentiment train` on a generated JSONL: a few steps, INT8 export, parity gate, report, worker load."""
-    from training.cli import evaluate_main, train_main
+    from cli.main import main as sentiment
 
     rows = generated(400, seed=1)
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
     out = tmp_path / "pkg"
-    code = train_main([
-        "--train", str(train_file), "--base-encoder", str(tiny_encoder), "--name", "e2e", "--out", str(out),
+    code = sentiment([
+        "train", "--train", str(train_file), "--base-encoder", str(tiny_encoder), "--name", "e2e", "--output", str(out),
         "--work-dir", str(tmp_path / "work"), "--max-steps", "40", "--batch-size", "16", "--lr", "3e-3",
         "--eval-every", "20", "--max-length", "32", "--no-baselines", "--version", "0.0.1",
     ])
@@ -171,8 +171,6 @@ def test_train_export_gate_report_serve(tmp_path: Path, tiny_encoder: Path) -> N
     probs = classifier.predict(["the movie was wonderful", "the hotel was dreadful"]).probabilities
     assert probs[0, 1] > 0.5 > probs[1, 1]
     # `sentiment predict` (worker CLI) serves the new package
-    from cli.main import main as sentiment
-
     requests = tmp_path / "requests.jsonl"
     requests.write_text('{"id": "a", "text": "the album was superb"}\n{"id": "b", "text": "the meal was awful"}\n')
     predicted = tmp_path / "o.jsonl"
@@ -182,16 +180,16 @@ def test_train_export_gate_report_serve(tmp_path: Path, tiny_encoder: Path) -> N
     # resume: the finished run is picked up, not retrained
     out2 = tmp_path / "pkg2"
     assert sentiment([
-        "train", "--train", str(train_file), "--base-encoder", str(tiny_encoder), "--name", "e2e", "--out", str(out2),
-        "--work-dir", str(tmp_path / "work"), "--max-steps", "40", "--batch-size", "16", "--lr", "3e-3",
-        "--eval-every", "20", "--max-length", "32", "--no-baselines", "--version", "0.0.2",
+        "train", "--train", str(train_file), "--base-encoder", str(tiny_encoder), "--name", "e2e",
+        "--output", str(out2), "--work-dir", str(tmp_path / "work"), "--max-steps", "40", "--batch-size", "16",
+        "--lr", "3e-3", "--eval-every", "20", "--max-length", "32", "--no-baselines", "--version", "0.0.2",
     ]) == 0
     assert verify_package(out2).model_dump()["training"]["steps"] == 40
     # evaluate on a fresh generated file, with baselines
     test_file = tmp_path / "test.tsv"
     test_file.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in generated(60, seed=7)))
     report_dir = tmp_path / "report"
-    assert evaluate_main(["--model", str(out), "--data", str(test_file), "--out", str(report_dir)]) == 0
+    assert sentiment(["evaluate", "--model", str(out), "--input", str(test_file), "--output", str(report_dir)]) == 0
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["n"] == 60 and "VADER" in metrics["baselines"] and "TF-IDF + LogReg" in metrics["baselines"]
     assert metrics["metrics"]["accuracy"] > 0.8 and "auc_roc" in metrics["metrics"]

@@ -7,8 +7,8 @@ trainer: the consumer group, the feedback store, the gate on real scores, publis
 
 ``python -m tests.trainer_helpers CHALLENGER_DIR`` stubs ``training.train``, ``training.model`` and
 ``training.pipeline`` (``run_job`` imports them inside the function, so torch is never imported) and runs
-``training.trainer.main``. The stubbed ``package_model`` copies CHALLENGER_DIR with the job's name and
-version and prints ``stub-job <request_id>``, so a test can count the jobs that ran.
+``sentiment trainer`` (``cli.main.main(["trainer"])``). The stubbed ``package_model`` copies CHALLENGER_DIR
+with the job's name and version and prints ``stub-job <request_id>``, so a test can count the jobs that ran.
 """
 
 from __future__ import annotations
@@ -85,6 +85,6 @@ class TrainerProcess:
 
 if __name__ == "__main__":
     install_stub_training(Path(sys.argv[1]))
-    from training.trainer import main
+    from cli.main import main
 
-    sys.exit(main([]))
+    sys.exit(main(["trainer"]))

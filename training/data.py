@@ -23,7 +23,7 @@ import json
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,17 +90,22 @@ def normalise_label(raw: str | int, scheme: Sequence[str] | None, labels: Sequen
 # --- format readers: each yields (text, raw_label) and lists the files it read -----------------------------
 
 
-def read_sst2(path: Path) -> tuple[list[tuple[str, str]], list[Path]]:
+def _tsv_columns(path: Path, text_names: Sequence[str], label_names: Sequence[str], quoted: bool,
+                 clean: Callable[[str], str]) -> tuple[list[tuple[str, str]], list[Path]]:
+    """(text, raw label) of every row of a tsv with a header; the first of ``text_names`` / ``label_names``
+    present names the column. ``quoted``: fields may be quoted (and hold newlines), else read as they are."""
     rows = []
     with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.reader(handle, delimiter="\t", **({} if quoted else {"quoting": csv.QUOTE_NONE}))
         header = next(reader)
-        text_col = header.index("sentence")
-        label_col = header.index("label")
-        for row in reader:
-            if len(row) > max(text_col, label_col):
-                rows.append((row[text_col].strip(), row[label_col]))
+        text_col = header.index(next((n for n in text_names if n in header), text_names[-1]))
+        label_col = header.index(next((n for n in label_names if n in header), label_names[-1]))
+        rows = [(clean(row[text_col]), row[label_col]) for row in reader if len(row) > max(text_col, label_col)]
     return rows, [path]
+
+
+def read_sst2(path: Path) -> tuple[list[tuple[str, str]], list[Path]]:
+    return _tsv_columns(path, ["sentence"], ["label"], quoted=False, clean=str.strip)
 
 
 def read_mr(path: Path) -> tuple[list[tuple[str, str]], list[Path]]:
@@ -115,29 +120,11 @@ def read_mr(path: Path) -> tuple[list[tuple[str, str]], list[Path]]:
 
 
 def read_blitzer(path: Path) -> tuple[list[tuple[str, str]], list[Path]]:
-    rows = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t")
-        header = next(reader)
-        text_col = header.index("sentence") if "sentence" in header else header.index("text")
-        label_col = header.index("label")
-        for row in reader:
-            if len(row) > max(text_col, label_col):
-                rows.append((" ".join(row[text_col].split()), row[label_col]))
-    return rows, [path]
+    return _tsv_columns(path, ["sentence", "text"], ["label"], quoted=True, clean=lambda t: " ".join(t.split()))
 
 
 def read_semeval(path: Path) -> tuple[list[tuple[str, str]], list[Path]]:
-    rows = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader)
-        text_col = header.index("text")
-        label_col = header.index("label_id") if "label_id" in header else header.index("label")
-        for row in reader:
-            if len(row) > max(text_col, label_col):
-                rows.append((row[text_col].strip(), row[label_col]))
-    return rows, [path]
+    return _tsv_columns(path, ["text"], ["label_id", "label"], quoted=False, clean=str.strip)
 
 
 def read_tweeteval(path: Path) -> tuple[list[tuple[str, str]], list[Path]]:

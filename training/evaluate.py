@@ -9,7 +9,7 @@ Contract:
     errors (0.5: half) while abstaining on as little as possible. The rule text goes into the manifest.
   * ``evaluate(...)`` computes everything for one labelled split and ``write_report`` writes
     ``metrics.json``, ``report.md`` and the plots into a directory. Other task types (e.g. ABSA) can add
-    their own ``evaluate_*`` function and dispatch on ``manifest.task`` in ``training.cli.evaluate_main``.
+    their own ``evaluate_*`` function and dispatch on ``manifest.task`` in ``training.workflow.EVALUATORS``.
 """
 
 from __future__ import annotations
@@ -81,15 +81,12 @@ def score_package(package_dir: Path, texts: Sequence[str], threads: int = 2) -> 
 
 
 def per_class_scores(pred: np.ndarray, gold: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float]]:
-    out = {}
-    for c, label in enumerate(labels):
-        tp = int(((pred == c) & (gold == c)).sum())
-        support = int((gold == c).sum())
-        predicted = int((pred == c).sum())
-        p = tp / predicted if predicted else 0.0
-        r = tp / support if support else 0.0
-        out[label] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": support}
-    return out
+    """Precision, recall, F1 and support per label (scikit-learn; 0.0 where a label is never predicted)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, r, f, support = precision_recall_fscore_support(gold, pred, labels=list(range(len(labels))), zero_division=0)
+    return {label: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]), "support": int(support[c])}
+            for c, label in enumerate(labels)}
 
 
 def headline(pred: np.ndarray, gold: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
@@ -217,7 +214,9 @@ def evaluate(probs: np.ndarray, data: LabeledTexts, model_name: str, threshold: 
 
         metrics["auc_roc"] = float(roc_auc_score(gold, probs[:, 1]))
         metrics["average_precision"] = float(average_precision_score(gold, probs[:, 1]))
-    confusion = [[int(((gold == i) & (pred == j)).sum()) for j in range(len(labels))] for i in range(len(labels))]
+    from sklearn.metrics import confusion_matrix
+
+    confusion = confusion_matrix(gold, pred, labels=list(range(len(labels)))).tolist()
     if threshold is None:
         choice = choose_threshold(probs, gold, error_cut)
     else:

@@ -32,6 +32,7 @@ from runtime.inference import Classifier
 from runtime.package import LoadedPackage
 from schemas import ModelManifest
 from training.model import SentimentModel, model_from_config
+from training.static_scales import freeze_file
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ SMOOTH_ALPHA = 0.8  # 0.5 doubled the INT8 logit error on SST-2 dev; 0.8 halved 
 # How many of the most INT8-sensitive FFN MatMuls the partial-fallback variants keep fp32 (of 12 in MiniLM-L6).
 FALLBACK_COUNTS = (1, 2, 3, 4)
 RANKING_ROWS = 512  # calibration rows scored per sensitivity probe (12 probes)
+STATIC = "+static"  # suffix of a variant whose activation scales are fixed (batch-independent scores)
 
 
 class ParityError(RefusedError):
@@ -336,6 +338,8 @@ def choose_variant(results: Sequence[VariantResult], fp32_accuracy: float, gate:
     ``r.passed`` was decided against ``gate`` when the variant was scored; ``gate=None`` ignores it."""
     effective = gate or ParityGate()
     pool = [r for r in results if r.passed] if gate is not None else list(results)
+    # A variant with fixed activation scales scores a text the same in every batch: whenever one passes, it wins.
+    pool = [r for r in pool if r.name.endswith(STATIC)] or pool
     if not pool:
         detail = "; ".join(f"{r.name}: agreement {r.agreement:.4f}, drop {r.accuracy_drop * 100:.2f} pt"
                            for r in results)
@@ -358,7 +362,8 @@ def export_int8(model: SentimentModel, tokenizer_json: Path, dev_texts: Sequence
     Choice rule: among variants that pass the gate and are at most ``SPEED_TOLERANCE`` × slower than the
     fastest passing one, take the smallest file among those within ``max_accuracy_drop`` of the best dev
     accuracy, capped at the fp32 accuracy (differences that small are noise at dev size), then the highest
-    fp32 agreement.
+    fp32 agreement. Variants with fixed activation scales (``<name>+static``, ``training/static_scales.py``; built
+    when calibration texts are given) come first: if any passes, the choice is made among those only.
     ``gate=None`` records the numbers without enforcing them (only for the random-init tiny package).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -373,6 +378,11 @@ def export_int8(model: SentimentModel, tokenizer_json: Path, dev_texts: Sequence
     variants = quantize_variants(fp32_path, work_dir / "int8", smooth_path, ranked)
     if not variants:
         raise ParityError("no INT8 variant could be built")
+    if calibration_texts:  # each variant's twin with fixed activation scales: batch-independent scores
+        feeds = [{k: v.numpy() for k, v in b.items()}
+                 for b in calibration_batches(tokenizer_json, calibration_texts, max_length)]
+        variants.update({f"{name}{STATIC}": freeze_file(path, work_dir / "int8" / f"{name}{STATIC}" / "model.onnx",
+                                                          feeds) for name, path in list(variants.items())})
     gold = np.asarray(dev_labels)
     fp32_logits, _ = onnx_logits(fp32_path, tokenizer_json, dev_texts, labels, max_length)
     fp32_pred = fp32_logits.argmax(axis=1)

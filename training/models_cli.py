@@ -1,7 +1,8 @@
 """``sentiment models``: what the registry holds (``list``), and moving ``CURRENT`` back by hand (``rollback``).
 
 Both work on the registry model directory ``<registry>/<name>/`` (``--registry``/``--name``, default
-``SENTIMENT_REGISTRY_DIR``/``SENTIMENT_MODEL_NAME``, read by ``TrainerSettings`` like the trainer's).
+``SENTIMENT_REGISTRY_DIR``/``SENTIMENT_MODEL_NAME``, read by ``TrainerSettings`` like the trainer's). This module
+holds the logic; the commands themselves are ``cli/models.py``.
 
 ``list`` reads only. One line per published version (``registry.list_versions``), oldest first (versions are
 UTC timestamps, so name order is time order): ``*`` when ``CURRENT`` names it, the version, ``model.onnx``'s
@@ -11,13 +12,13 @@ sha256 as the manifest lists it (12 characters; the worker checks the hashes whe
 holdout and feedback scores of champion → challenger), if any. ``--json``: one JSON object per version.
 
 ``rollback VERSION`` makes a published version ``CURRENT`` again and tells the workers, in this order:
-    R1. checks, each refusing with exit 2 and one line on stderr, before anything changes: the registry
-        model directory exists; no promotion is unfinished (``PENDING``); VERSION is published and is not
-        ``CURRENT`` already; its package verifies (``verify_package``: every file's sha256) and names this
-        model; with ``SENTIMENT_VERIFY_KEY``, ``load_package`` with that key accepts it (the workers would
-        refuse it otherwise). A rollback never re-signs: the private key stays with the trainer;
+    R1. checks, each refusing with ``Refused`` (a ``UserError``: exit 2, one line on stderr), before anything
+        changes: the registry model directory exists; no promotion is unfinished (``PENDING``); VERSION is
+        published and is not ``CURRENT`` already; its package verifies (``verify_package``: every file's sha256)
+        and names this model; with ``SENTIMENT_VERIFY_KEY``, ``load_package`` with that key accepts it (the
+        workers would refuse it otherwise). A rollback never re-signs: the private key stays with the trainer;
     R2. starts the producer (acks=all): a broker that cannot be reached changes nothing (exit 1);
-    R3. the trainer's P2 and P4-P7 (``trainer.promote_published``): write the journal (the exact
+    R3. the trainer's P2 and P4-P7 (``promotion.promote_published``): write the journal (the exact
         ``ModelUpdate``, request id ``rollback-<uuid>``, ``previous_version`` the old ``CURRENT``, and the
         decision line: promoted, reason ``rollback: <reason>``), point ``CURRENT``, send the update and wait
         for the acknowledgement, append the decision, delete the journal.
@@ -32,31 +33,26 @@ Invariants (the reason in brackets):
       trainer that starts a promotion at the same moment, so roll back while the trainer is idle or stopped.
     * ``decisions.jsonl`` stays append-only and says promoted only for an acknowledged update [P6 after P5].
 
-Exit codes: 0 done; 1 failed after the checks (broker, disk); 2 refused or bad usage.
+Exit codes: 0 done; 1 failed after the checks (broker, disk: ``RollbackFailed``); 2 refused or bad usage.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import sys
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from runtime.errors import RefusedError
+from runtime.errors import SentimentError, UserError
 from runtime.package import PackageError, load_package, read_manifest, verify_package
 from runtime.settings import TrainerSettings
 from runtime.signing import SIGNATURE_FILE, SignatureError, load_public_key
 from schemas import ModelManifest
+from training.job import Decision, recorded_decisions
+from training.promotion import promote_published, read_pending
 from training.registry import current_version, list_versions
-from training.trainer import Decision, promote_published, read_pending, recorded_decisions
-
-PROG = "sentiment models"
 
 
 class ModelsSettings(TrainerSettings):
@@ -66,8 +62,12 @@ class ModelsSettings(TrainerSettings):
         "Ed25519 public key (PEM), as the workers' SENTIMENT_VERIFY_KEY: a rollback target must verify with it."))
 
 
-class Refused(RefusedError):
-    """A check failed before anything changed (exit 2)."""
+class Refused(UserError):
+    """A check failed before anything changed (exit 2: the request names a version or registry it must not)."""
+
+
+class RollbackFailed(SentimentError):
+    """The broker or the disk failed after the checks (exit 1); the message says whether CURRENT moved."""
 
 
 def one_line(text: object) -> str:
@@ -122,18 +122,10 @@ def format_row(row: dict, width: int = 0) -> str:
     return f"{head}  promoted by {decision['request_id']}: {decision['reason']}{scores}"
 
 
-def cmd_list(args: argparse.Namespace, settings: ModelsSettings) -> int:
-    root = model_root(settings)
-    current = current_version(settings.registry_dir, settings.model_name)
-    decisions = promoting_decisions(settings)
-    versions = list_versions(settings.registry_dir, settings.model_name)
-    width = max(map(len, versions), default=0)
-    for version in versions:
-        row = version_row(root, version, current, decisions.get(version))
-        print(json.dumps(row) if args.json else format_row(row, width))
-    if current is not None and current not in versions:
-        print(f"{PROG} list: CURRENT names {current!r}, which is not a published version", file=sys.stderr)
-    return 0
+def registry_versions(settings: TrainerSettings) -> tuple[list[str], str | None]:
+    """(published versions oldest first, the version CURRENT names)."""
+    return (list_versions(settings.registry_dir, settings.model_name),
+            current_version(settings.registry_dir, settings.model_name))
 
 
 # -------------------------------------------------------------------------------------------- rollback
@@ -177,23 +169,22 @@ async def rollback(settings: ModelsSettings, manifest: ModelManifest, version: s
         await producer.stop()
 
 
-def cmd_rollback(args: argparse.Namespace, settings: ModelsSettings) -> int:
+def rollback_to(settings: ModelsSettings, version: str, reason: str) -> tuple[Decision, ModelManifest, str | None]:
+    """R1-R3; returns (the decision, the target's manifest, the previous CURRENT). Raises ``Refused`` before
+    anything changed, ``RollbackFailed`` after the checks (saying whether CURRENT may have moved)."""
     model_root(settings)
-    manifest, current = check_target(settings, args.version)
+    manifest, current = check_target(settings, version)
     try:
-        decision = asyncio.run(rollback(settings, manifest, args.version, current, args.reason))
+        decision = asyncio.run(rollback(settings, manifest, version, current, reason))
     except Exception as exc:  # after the checks: a broker or disk failure
         journal = settings.promotion_journal
         after = (f"; CURRENT may have moved: {journal} stays and the trainer's start-up recovery finishes the "
                  "rollback") if journal.exists() else "; nothing changed"
-        print(f"{PROG} rollback: failed: {one_line(repr(exc))}{after}", file=sys.stderr)
-        return 1
-    print(json.dumps({"version": args.version, "previous_version": current, "request_id": decision.request_id,
-                      "sha256": manifest.files["model.onnx"], "path": decision.path}))
-    return 0
+        raise RollbackFailed(f"rollback failed: {one_line(repr(exc))}{after}") from exc
+    return decision, manifest, current
 
 
-# ------------------------------------------------------------------------------------------------ main
+# -------------------------------------------------------------------------------------------- registry
 
 
 def model_root(settings: TrainerSettings) -> Path:
@@ -203,41 +194,3 @@ def model_root(settings: TrainerSettings) -> Path:
         raise Refused(f"no registry model directory {root} (SENTIMENT_REGISTRY_DIR / SENTIMENT_MODEL_NAME, "
                       "or --registry / --name)")
     return root
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="What the model registry holds, and rolling CURRENT "
-                                                             "back to a published version.")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--registry", type=Path, default=None, metavar="DIR",
-                        help="Registry root (default: SENTIMENT_REGISTRY_DIR).")
-    common.add_argument("--name", default=None, help="Model name in the registry (default: SENTIMENT_MODEL_NAME).")
-    listing = sub.add_parser("list", parents=[common], help="Registry versions, CURRENT, signatures, decisions.",
-                             description="One line per published version, oldest first; * marks CURRENT.")
-    listing.add_argument("--json", action="store_true", help="One JSON object per version instead of text.")
-    back = sub.add_parser("rollback", parents=[common], help="Make a published version CURRENT and announce it.",
-                          description="Verifies VERSION, then journals, points CURRENT, sends the ModelUpdate "
-                                      "(acks=all) and records the decision; the trainer's recovery finishes it "
-                                      "after a crash. Never re-signs; honours SENTIMENT_VERIFY_KEY.")
-    back.add_argument("version", metavar="VERSION", help="A published version (see `sentiment models list`).")
-    back.add_argument("--reason", default="manual", metavar="TEXT",
-                      help="Why; recorded as 'rollback: TEXT' in decisions.jsonl (default: manual).")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(argv or []))
-    try:
-        settings = ModelsSettings()
-    except ValidationError as exc:
-        print(f"{PROG} {args.action}: invalid settings: {one_line(exc)}", file=sys.stderr)
-        return 2
-    overrides = {key: value for key, value in (("registry_dir", args.registry), ("model_name", args.name))
-                 if value is not None}
-    settings = settings.model_copy(update=overrides)
-    try:
-        return {"list": cmd_list, "rollback": cmd_rollback}[args.action](args, settings)
-    except Refused as exc:
-        print(f"{PROG} {args.action}: {exc}", file=sys.stderr)
-        return 2

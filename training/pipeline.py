@@ -1,7 +1,7 @@
 """The whole train → export → calibrate → evaluate → package → publish chain, callable from code.
 
-``sentiment train`` is a thin argparse layer over ``run``; the drift/retrain loop can call ``run`` (or
-``package_model`` on an already fine-tuned model) directly.
+``sentiment train`` (``cli/training.py`` → ``training.workflow.train_package``) is a thin layer over ``run``;
+the drift/retrain loop can call ``run`` (or ``package_model`` on an already fine-tuned model) directly.
 
 Order matters for honesty: the temperature, the UNCERTAIN threshold, the report and the drift reference
 are all computed from the **INT8** model's dev logits (the artefact that is served), not from fp32.

@@ -11,6 +11,12 @@ Contract:
     continues exactly where the last checkpoint stopped.
   * Tokenization is the serving tokenizer (``tokenizer.json`` via ``tokenizers``), truncated to
     ``max_length`` the same way the worker truncates.
+
+Why not ``transformers.Trainer``: it needs ``accelerate`` (not installed here, and one more pinned dependency
+of the ``train`` extra), and this loop depends on two things it does not do: the thread tuner that picks the
+intra-op thread count per sequence length on these 2 cores (``ThreadTuner``), and resume to the exact batch
+of an epoch from a checkpoint that also names the best step so far. Length grouping and early stopping are
+the two pieces it would have given; both are here in a few lines.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +34,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import nn
-from tqdm import tqdm
 
+from runtime.progress import Progress
 from training.data import LabeledTexts
 from training.model import SentimentModel, build_model, load_model, save_model
 
@@ -296,8 +301,7 @@ def train(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts)
         return state["bad_evals"] >= config.patience
 
     started = time.perf_counter()
-    bar = tqdm(total=total, initial=state["step"], disable=not config.progress, file=sys.stderr, mininterval=15,
-               desc="train", dynamic_ncols=False, ncols=100)
+    bar = Progress("train", total=total, initial=state["step"], enabled=config.progress)
     model.train()
     stop = state["step"] >= total
     running = 0.0
@@ -322,7 +326,7 @@ def train(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts)
             loss_value = loss.item()
             running = 0.98 * running + 0.02 * loss_value if running else loss_value
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+            bar.set_postfix(loss=round(running, 4))
             if config.eval_every and state["step"] % config.eval_every == 0:
                 evaluated_at = state["step"]
                 if evaluate_and_checkpoint():

@@ -38,26 +38,19 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import faust
 import numpy as np
 import structlog
 from aiokafka.errors import (
-    CorruptRecordException,
-    InvalidMessageError,
-    InvalidTimestampError,
     KafkaError,
-    MessageSizeTooLargeError,
-    RecordTooLargeError,
 )
 
-from runtime.errors import SentimentError
 from runtime.inference import Classifier
-from runtime.package import PackageError, read_manifest, resolve_package_dir
 from runtime.settings import WorkerSettings
-from runtime.signing import SignatureError, load_public_key
-from schemas import UNCERTAIN, DeadLetter, LabeledEvent, ModelUpdate, WindowStats
+from runtime.signing import load_public_key
+from schemas import UNCERTAIN, DeadLetter, LabeledEvent, WindowStats
 from worker import metrics
 from worker.decode import (
     Decoded,
@@ -65,43 +58,16 @@ from worker.decode import (
     dead_letter,
     decode_record,
     encode_dead_letter,
-    minimal_dead_letter,
     record_meta_for,
 )
+from worker.delivery import Delivery, DeliveryError, Output
 from worker.faust_transport import SCHEME
-from worker.pipeline import BatchResult, build_labeler, plan_steps
+from worker.model_updates import ModelUpdates
+from worker.pipeline import BatchResult, build_labeler, in_input_order, plan_steps
 from worker.topics import ensure_topics
 from worker.window_stats import WindowAccumulator
 
 log = structlog.get_logger(__name__)
-
-SEND_ATTEMPTS = 5
-# Errors the broker (or the client's own size check) gives for one record, not for the connection: sending
-# the same bytes again fails the same way forever, so the record's output is replaced instead.
-RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, InvalidMessageError, CorruptRecordException,
-                 InvalidTimestampError)
-
-
-class DeliveryError(SentimentError):
-    """Outputs of a batch could not be acknowledged by the broker after every retry."""
-
-
-class UpdateRefused(SentimentError):
-    """A model update that must not be served: outside the registry, unsigned, or not this worker's model."""
-
-
-class Output(NamedTuple):
-    """One input record's outcome, ready to send: its output key, the event, and the event's JSON; plus the
-    input record itself (where it was, its value, its id), to build a dead letter if the broker refuses it."""
-
-    key: str | None
-    event: LabeledEvent | DeadLetter
-    payload: bytes
-    meta: RecordMeta | None = None
-    value: bytes | None = None
-    request_id: str | None = None
-    review_payload: bytes | None = None  # what the review topic gets instead of ``payload`` (with the text)
-
 
 def record_meta(event: faust.EventT, max_key_bytes: int) -> RecordMeta:
     message = event.message
@@ -109,17 +75,6 @@ def record_meta(event: faust.EventT, max_key_bytes: int) -> RecordMeta:
     timestamp_ms = int(message.timestamp * 1000) if message.timestamp and message.timestamp > 0 else None
     return record_meta_for(message.topic, message.partition, message.offset, message.key, timestamp_ms,
                            message.headers, max_key_bytes)
-
-
-def resend_order(records: list[tuple[str, bytes, bytes]], failed: list[int], ids: list[int]) -> list[int]:
-    """What to send again after a partial failure (``records`` were sent, ``ids`` name them): per (topic,
-    key), every record from its first failed one on, in order. Re-sending only the failed ones would put
-    them behind later outputs of the same key that did get through; this way the last copy of each id on a
-    key's partition is in input order."""
-    first_failure: dict[tuple[str, bytes], int] = {}
-    for index in failed:
-        first_failure.setdefault(records[index][:2], index)
-    return [ids[i] for i, r in enumerate(records) if i >= first_failure.get(r[:2], len(records))]
 
 
 def broker_url(bootstrap: str) -> str:
@@ -139,7 +94,7 @@ def faust_credentials(settings: WorkerSettings) -> Any:
     return None
 
 
-class StreamWorker:
+class StreamWorker(Delivery, ModelUpdates):
     """Owns the faust app, the model, and the per-batch delivery rule."""
 
     def __init__(self, settings: WorkerSettings) -> None:
@@ -308,16 +263,15 @@ class StreamWorker:
         """One encoded output per event of the step, in input order, so per-key order on the output topics
         matches the input. A labelled event that cannot go out as it is (over ``max_output_bytes``, or not
         serializable) becomes that record's dead letter instead: the broker would refuse it on every retry."""
-        labeled = iter(result.outputs)
         merged: list[Output] = []
-        for index in indices:
+        for index, outcome in in_input_order(indices, dead, result.outputs):
             if index in dead:
                 letter = dead[index]
                 meta = record_meta(events[index], self.limits.max_key_bytes)
                 key = meta.key if meta.key is not None else (letter.id or meta.default_id)
                 merged.append(self._letter_output(key, letter, meta, events[index].message.value))
-                continue
-            merged.append(self._encoded(decoded[index], next(labeled), events[index]))
+            else:
+                merged.append(self._encoded(decoded[index], outcome, events[index]))
         return merged
 
     def _letter_output(self, key: str, letter: DeadLetter, meta: RecordMeta, value: bytes | None) -> Output:
@@ -352,88 +306,6 @@ class StreamWorker:
             return None
         payload = output.model_copy(update={"text": item.request.text}).to_json_bytes()
         return payload if len(payload) <= self.settings.max_output_bytes else None
-
-    async def _deliver(self, outputs: list[Output]) -> None:
-        """Sends every output and waits for all acknowledgements; re-sends what failed, keeping key order.
-
-        A record the broker refuses on its own (``RECORD_ERRORS``) is replaced before the re-send: a labelled
-        event by its input record's ``output_rejected`` dead letter (value, headers, key: replayable); a dead
-        letter by the minimal one (id and coordinates only). An output is replaced at most twice and only once
-        per round (an UNCERTAIN event's second copy is then dropped), so this ends: if even the minimal letter
-        is refused, the broker refuses everything, and after the last attempt this raises ``DeliveryError``.
-        """
-        records: list[tuple[str, bytes, bytes]] = []
-        origin: list[int] = []  # records[i] carries outputs[origin[i]]
-        for index, output in enumerate(outputs):
-            for topic in self._routes(output):
-                payload = output.review_payload if topic == self.settings.uncertain_topic else None
-                records.append((topic, (output.key or "").encode("utf-8"), payload or output.payload))
-                origin.append(index)
-        stage = [0] * len(outputs)  # 0: as built; 1: output_rejected letter; 2: minimal letter
-        pending = list(range(len(records)))
-        # Each replacement can cost a round of its own: two per output at most, so two rounds on top.
-        for attempt in range(1, SEND_ATTEMPTS + 3):
-            sent = [records[i] for i in pending]
-            results = await self._send_all(sent)
-            failed = [k for k, res in enumerate(results) if isinstance(res, BaseException)]
-            if not failed:
-                return
-            dropped: set[int] = set()
-            replaced_now: set[int] = set()
-            for k in failed:
-                record_id, output_index = pending[k], origin[pending[k]]
-                if not isinstance(results[k], RECORD_ERRORS) or stage[output_index] >= 2:
-                    continue
-                if output_index in replaced_now:
-                    dropped.add(record_id)  # the other copy of an output replaced this round
-                    continue
-                replaced_now.add(output_index)
-                stage[output_index] = 2 if isinstance(outputs[output_index].event, DeadLetter) else (
-                    stage[output_index] + 1)
-                records[record_id] = self._refused(outputs[output_index], results[k], stage[output_index] == 2)
-                sent[k] = records[record_id]
-            errors = {repr(res) for res in results if isinstance(res, BaseException)}
-            log.warning("delivery_retry", attempt=attempt, failed=len(failed), errors=sorted(errors)[:3])
-            pending = [i for i in resend_order(sent, failed, pending) if i not in dropped]
-            if not pending:
-                return
-            if not all(isinstance(results[k], RECORD_ERRORS) for k in failed):
-                await asyncio.sleep(min(0.5 * attempt, 2.0))
-        raise DeliveryError(f"{len(pending)} outputs not acknowledged after {SEND_ATTEMPTS} attempts")
-
-    def _routes(self, output: Output) -> list[str]:
-        """The topics one outcome goes to: a dead letter to the DLQ; a labelled event to the labelled topic,
-        and an UNCERTAIN one also to the review queue."""
-        s = self.settings
-        if isinstance(output.event, DeadLetter):
-            return [s.dlq_topic]
-        return [s.labeled_topic, s.uncertain_topic] if output.event.label == UNCERTAIN else [s.labeled_topic]
-
-    def _refused(self, output: Output, error: BaseException, minimal: bool) -> tuple[str, bytes, bytes]:
-        """The dead-letter record that replaces an output the broker refused for this record alone."""
-        message = f"the broker refused this record's output: {error!r}"
-        meta = output.meta or RecordMeta(topic="?", partition=-1, offset=-1, key=output.key)
-        letter = dead_letter(meta, "output_rejected", message, output.value, self.limits, output.request_id)
-        if minimal:
-            payload = minimal_dead_letter(letter, "output_rejected", message).to_json_bytes()
-        else:
-            payload = encode_dead_letter(letter, self.settings.max_output_bytes)
-        metrics.OUTPUTS_REJECTED.inc()
-        log.error("output_rejected", id=letter.id, minimal=minimal, error=repr(error)[:300])
-        return self.settings.dlq_topic, (output.key or "").encode("utf-8"), payload
-
-    async def _send_all(self, records: list[tuple[str, bytes, bytes]]) -> list[Any]:
-        """Each record's acknowledgement, or the exception that stands for its failure."""
-        futures: list[asyncio.Future] = []
-        for topic, key, value in records:
-            try:
-                futures.append(await self.app.producer.send(topic, key, value, partition=None, timestamp=None,
-                                                            headers=None))
-            except Exception as exc:  # e.g. a metadata timeout: retried like a failed ack
-                failed: asyncio.Future = asyncio.get_running_loop().create_future()
-                failed.set_exception(exc)
-                futures.append(failed)
-        return await asyncio.gather(*futures, return_exceptions=True)
 
     async def _publish_stats(self, windows: list[WindowStats]) -> None:
         """Window stats are telemetry, not input records: a failed send is logged, never fatal."""
@@ -488,88 +360,6 @@ class StreamWorker:
             finally:
                 await consumer.stop()
 
-    def _configured_sha256(self) -> str | None:
-        """The model.onnx hash the configured package (or registry CURRENT) names now; None if unreadable."""
-        try:
-            return read_manifest(resolve_package_dir(self.settings.model_dir)).files["model.onnx"]
-        except (PackageError, KeyError) as exc:
-            log.warning("configured_package_unreadable", path=str(self.settings.model_dir), error=repr(exc)[:300])
-            return None
-
-    async def _on_model_update(self, value: bytes | None) -> None:
-        try:
-            update = ModelUpdate.model_validate_json(value or b"")
-        except ValueError as exc:
-            log.warning("model_update_invalid", error=str(exc)[:300])
-            return
-        if update.model.name != self.labeler.classifier.ref.name:
-            return
-        await self._load_if_changed(update.path, update.model.sha256, update.model.version)
-
-    async def _load_if_changed(self, path: str | Path, announced_sha256: str | None, version: str) -> None:
-        """Makes the package at ``path`` the next batch's model, unless it is what will run anyway.
-
-        Compared with the *target* (the pending model if one is loaded, else the active one), so that a
-        rollback to the active model cancels a pending swap instead of being ignored. Before anything is
-        loaded, ``path`` must lie inside the registry root (``allowed_model_root``, symlinks resolved).
-        Loading reads each served file once, checks its hash and (with ``verify_key``) the manifest's
-        signature, and builds the session from those same bytes; the loaded package must then be this
-        worker's model (``_check_compatible``) and hash to what the update announced. Any refusal keeps
-        the current model serving, and is logged and counted by reason.
-        """
-        active = self.labeler.classifier.ref.sha256
-        if announced_sha256 == active:
-            if self.pending_classifier is not None:
-                log.info("model_update_pending_dropped", version=version, reason="back to the active model")
-                self.pending_classifier = None
-            return
-        if announced_sha256 is None:
-            return  # nothing readable to compare with: keep what runs
-        pending = self.pending_classifier
-        if pending is not None and pending.ref.sha256 == announced_sha256:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            target = self._inside_registry(Path(path))
-            # Load and verify (hashes, signature, session build) off the event loop and off the inference thread.
-            classifier = await loop.run_in_executor(self.loader, lambda: Classifier.load(
-                target, intra_op_threads=self.settings.intra_op_threads, public_key=self.verify_key))
-            # What was loaded, not only what was asked for: a second CURRENT inside the root could point out.
-            self._inside_registry(classifier.package_dir)
-            self._check_compatible(classifier)
-            if classifier.ref.sha256 != announced_sha256:
-                raise UpdateRefused(f"hash_mismatch: announced {announced_sha256[:12]}, loaded "
-                                    f"{classifier.ref.sha256[:12]}")
-        except Exception as exc:  # a bad package must never stop the worker
-            reason = _refusal_reason(exc)
-            metrics.MODEL_RELOADS.labels(result="refused").inc()
-            metrics.MODEL_UPDATES_REFUSED.labels(reason=reason).inc()
-            log.error("model_update_refused", path=str(path)[:300], version=version[:100], reason=reason,
-                      error=repr(exc)[:300])
-            return
-        self.pending_classifier = classifier
-        log.info("model_update_loaded", version=classifier.ref.version, path=str(path), signed=classifier.signed)
-
-    def _inside_registry(self, path: Path) -> Path:
-        root = self.settings.allowed_model_root
-        resolved = resolve_package_dir(path.resolve()).resolve()
-        if not resolved.is_relative_to(root):
-            raise UpdateRefused(f"outside_registry: {resolved} is not under {root}")
-        return resolved
-
-    def _check_compatible(self, classifier: Classifier) -> None:
-        """The update must be the model this worker serves: same name, task, labels and ONNX interface.
-        A tagger package has other outputs, an ABSA package other labels: both once loaded 'successfully'."""
-        served, new = self.labeler.classifier.manifest, classifier.manifest
-        for field in ("name", "task", "labels", "onnx_output"):
-            if getattr(new, field) != getattr(served, field):
-                raise UpdateRefused(f"incompatible: {field} is {getattr(new, field)!r}, "
-                                    f"the worker serves {getattr(served, field)!r}")
-        if new.onnx_output not in classifier.output_names:
-            raise UpdateRefused(f"incompatible: the graph has no output {new.onnx_output!r}")
-        if not {"input_ids", "attention_mask"} <= classifier.input_names:
-            raise UpdateRefused(f"incompatible: the graph's inputs are {sorted(classifier.input_names)}")
-
     def _observe(self, outputs: list[Output], result: BatchResult) -> None:
         # From the events, not the model's arrays: an output can have become a dead letter after labelling.
         labeled = [o.event for o in outputs if isinstance(o.event, LabeledEvent)]
@@ -577,17 +367,6 @@ class StreamWorker:
         confidences = np.array([o.confidence for o in labeled], dtype=np.float64)
         metrics.observe_batch([o.event for o in outputs], confidences,
                               [o.predicted_label for o in labeled], result.inference_seconds, end_to_end)
-
-
-def _refusal_reason(exc: Exception) -> str:
-    """The metric label for a refused update: a small fixed set, never the message."""
-    if isinstance(exc, UpdateRefused):
-        return str(exc).split(":", 1)[0]
-    if isinstance(exc, SignatureError) or "manifest.sig" in str(exc):
-        return "signature"
-    if isinstance(exc, PackageError):
-        return "package"
-    return "load_failed"
 
 
 def run(settings: WorkerSettings) -> int:
@@ -598,6 +377,9 @@ def run(settings: WorkerSettings) -> int:
     log.info("worker_starting", worker_id=worker.worker_id, model=worker.labeler.classifier.ref.model_dump(),
              input_topics=settings.input_topics, batch_size=settings.batch_size)
     faust_worker = faust.Worker(worker.app, loglevel=settings.log_level.lower(), quiet=True, override_logging=False)
+    # Its terminal spinner writes cursor escape codes to stdout even when that is a file: the log stream must
+    # stay one JSON object per line (tests/test_logs_json.py).
+    faust_worker.spinner = None
     try:
         faust_worker.execute_from_commandline()
     except SystemExit as exc:

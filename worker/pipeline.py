@@ -18,7 +18,7 @@ at a time. So no batch, however hostile its records, holds more than one step's 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -180,6 +180,16 @@ class Labeler:
             truncated=np.asarray(predictions.truncated, dtype=bool),
             inference_seconds=(labeled_at - started).total_seconds(),
         )
+
+
+def in_input_order(indices: Iterable[int], dead: Mapping[int, DeadLetter],
+                   labelled: Iterable[Outcome]) -> Iterator[tuple[int, Outcome]]:
+    """Each record's outcome in input order: its dead letter when decoding failed, else the next output of
+    ``Labeler.label`` (which labels the decoded records in input order). The worker and ``predict`` both use it,
+    so per-key order on the output topics and in an output file matches the input."""
+    outputs = iter(labelled)
+    for index in indices:
+        yield index, dead[index] if index in dead else next(outputs)
 
 
 def build_labeler(settings: WorkerSettings, model_dir: Path | None = None, threads: int | None = None) -> Labeler:

@@ -1,8 +1,9 @@
 """Offline batch scoring (``sentiment predict``) through the stream worker's own code path.
 
 Each input line is decoded by ``decode_record`` and labelled by ``Labeler.label`` exactly as a Kafka
-record would be, so a text gets the same label offline and in the stream. The record source is
-``file:<name>`` with partition 0 and the line number as offset.
+record would be, so a text gets the same label offline and in the stream; outputs are written in input
+order and counted by ``worker.topics.routes`` (an UNCERTAIN event counts as labelled and as uncertain).
+The record source is ``file:<name>`` with partition 0 and the line number as offset.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import TextIO
 from runtime.settings import WorkerSettings
 from schemas import DeadLetter
 from worker.decode import Decoded, DecodeLimits, RecordMeta, decode_record
-from worker.pipeline import build_labeler
+from worker.pipeline import build_labeler, in_input_order
+from worker.topics import routes
 
 
 def _chunks(source: TextIO, name: str, limits: DecodeLimits, size: int) -> Iterator[list[Decoded | DeadLetter]]:
@@ -35,13 +37,13 @@ def _chunks(source: TextIO, name: str, limits: DecodeLimits, size: int) -> Itera
 def predict_file(model_dir: Path, source: TextIO, sink: TextIO, settings: WorkerSettings, batch_size: int,
                  threads: int) -> dict[str, int]:
     labeler = build_labeler(settings, model_dir, threads)
-    counts = {"labeled": 0, "dead_letter": 0}
+    counts = {"labeled": 0, "uncertain": 0, "dead_letter": 0}
     name = getattr(source, "name", "stdin")
     for chunk in _chunks(source, Path(str(name)).name, labeler.limits, batch_size):
+        dead = {i: item for i, item in enumerate(chunk) if isinstance(item, DeadLetter)}
         decoded = [item for item in chunk if isinstance(item, Decoded)]
-        labelled = iter(labeler.label(decoded).outputs)
-        for item in chunk:
-            output = next(labelled) if isinstance(item, Decoded) else item
-            counts["dead_letter" if isinstance(output, DeadLetter) else "labeled"] += 1
+        for _, output in in_input_order(range(len(chunk)), dead, labeler.label(decoded).outputs):
+            for route in routes(output):
+                counts[route] += 1
             sink.write(output.model_dump_json(by_alias=True) + "\n")
     return counts

@@ -1,14 +1,20 @@
-"""Creating the service's topics explicitly at start, with the configured partitions and replication."""
+"""The service's topics: which exist (``service_topics``), where each outcome goes (``topics_for``), and
+creating them explicitly at start with the configured partitions and replication (``ensure_topics``).
+
+Adding an output topic: a name in ``TopicSettings``, a line in ``service_topics``, and a route here.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Literal
 
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from runtime.settings import TopicSettings, WorkerSettings
+from schemas import UNCERTAIN, DeadLetter, LabeledEvent
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +31,26 @@ def service_topics(settings: TopicSettings) -> list[str]:
         settings.retrain_requests_topic,
         settings.model_updates_topic,
     ]
+
+
+Route = Literal["labeled", "uncertain", "dead_letter"]
+
+
+def routes(outcome: LabeledEvent | DeadLetter) -> tuple[Route, ...]:
+    """Where one outcome goes: a dead letter to the DLQ; a labelled event to the labelled topic, and an
+    UNCERTAIN one also to the review queue. The worker sends by it; ``sentiment predict`` counts by it."""
+    if isinstance(outcome, DeadLetter):
+        return ("dead_letter",)
+    return ("labeled", "uncertain") if outcome.label == UNCERTAIN else ("labeled",)
+
+
+def topic_of(route: Route, settings: TopicSettings) -> str:
+    return {"labeled": settings.labeled_topic, "uncertain": settings.uncertain_topic,
+            "dead_letter": settings.dlq_topic}[route]
+
+
+def topics_for(outcome: LabeledEvent | DeadLetter, settings: TopicSettings) -> list[str]:
+    return [topic_of(route, settings) for route in routes(outcome)]
 
 
 async def ensure_topics(settings: WorkerSettings, names: list[str] | None = None) -> list[str]:

@@ -25,7 +25,8 @@ class DriftMonitorSettings(TopicSettings):
         default=600.0, gt=0, description="Evaluate a smaller pool once its oldest stats are this old ...")
     drift_window_min_n_floor: int = Field(default=50, ge=1, description="... provided it has this many records.")
     drift_false_alarm_rate: float = Field(default=0.002, gt=0, lt=0.5, description="Family-wise, per window.")
-    drift_cooldown_windows: int = Field(default=10, ge=0)
+    drift_cooldown_windows: int = Field(default=10, ge=0, description=(
+        "Windows after an alert in which a no-more-severe episode of the same metrics raises none (flapping)."))
     threshold: float | None = Field(default=None, ge=0, le=1, description=(
         "The workers' UNCERTAIN threshold when it overrides the manifest's: the same SENTIMENT_THRESHOLD the "
         "workers read, so the two can never disagree."))
@@ -38,8 +39,10 @@ class DriftMonitorSettings(TopicSettings):
                              "the workers and the drift monitor alike)")
         return self
     drift_replicates: int = Field(default=20000, ge=500, description="Bootstrap replicates per window size.")
-    drift_auto_offset_reset: Literal["earliest", "latest"] = "latest"
-    retrain_min_severity: Literal["info", "warning", "critical", "off"] = "critical"
+    drift_auto_offset_reset: Literal["earliest", "latest"] = Field(default="latest", description=(
+        "Where a new monitor group starts reading the stats topic."))
+    retrain_min_severity: Literal["info", "warning", "critical", "off"] = Field(default="critical", description=(
+        "Alerts at or above this severity also send a RetrainRequest; off: never."))
     retrain_cooldown_s: float = Field(default=3600.0, ge=0, description="At most one RetrainRequest per this long.")
     drift_metrics_port: int = Field(default=9109, ge=0, le=65535, description="0 disables the Prometheus endpoint.")
     drift_state_topic: str = Field(
@@ -57,4 +60,5 @@ class DriftMonitorSettings(TopicSettings):
         "How often the monitor reads the workers' lag from the broker (sentiment_consumer_group_lag)."))
     drift_retry_backoff_s: float = Field(
         default=5.0, ge=0, description="Wait before retrying after a failed transaction (alert, state, offsets).")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description=(
+        "JSON logs on stderr at this level."))

@@ -14,22 +14,25 @@ from runtime.settings.kafka import CommaList, TopicSettings, split_commas
 class TrainerSettings(TopicSettings):
     """The retraining service (``sentiment trainer``), read from ``SENTIMENT_*`` variables like the worker's."""
 
-    trainer_group: str = "sentiment-trainer"
-    registry_dir: Path = REPO_ROOT / "registry"
-    model_name: str = "sentiment-en"
+    trainer_group: str = Field(default="sentiment-trainer", description="The trainer's consumer group.")
+    registry_dir: Path = Field(default=REPO_ROOT / "registry", description=(
+        "Model registry root: <root>/<name>/<version>/, CURRENT, decisions.jsonl, feedback.jsonl."))
+    model_name: str = Field(default="sentiment-en", description="The registry model this trainer retrains.")
     champion_dir: Path = Field(default=DEFAULT_MODEL_DIR, description="Champion when the registry has none yet.")
     base_encoder: Path | None = Field(default=None, description="Local HF encoder dir; default: the MiniLM wheel.")
     base_train: CommaList = Field(default_factory=list, description="Base training files (any training format).")
-    base_format: str = "auto"
+    base_format: str = Field(default="auto", description="Format of the base files (training.data formats).")
     base_limit: int | None = Field(default=4000, description="Rows of base data per job (CPU budget).")
     holdout: Path | None = Field(default=None, description="Fixed holdout file both models are scored on.")
-    holdout_format: str = "auto"
-    max_steps: int = 300
-    train_batch_size: int = 32
-    learning_rate: float = 8e-5
-    max_length: int = 64
-    cooldown_s: float = 600.0
-    feedback_holdout_fraction: float = Field(default=0.3, gt=0, lt=1)
+    holdout_format: str = Field(default="auto", description="Format of the holdout file.")
+    max_steps: int = Field(default=300, description="Training steps per job.")
+    train_batch_size: int = Field(default=32, description="Training batch size.")
+    learning_rate: float = Field(default=8e-5, description="Peak learning rate (linear warm-up and decay).")
+    max_length: int = Field(default=64, description="Tokens per text in training and in the package.")
+    cooldown_s: float = Field(default=600.0, description=(
+        "Requests arriving within this long of the last job's end are dropped (survives restarts)."))
+    feedback_holdout_fraction: float = Field(default=0.3, gt=0, lt=1, description=(
+        "Share of feedback ids (by hash) held out to judge the challenger; the rest is trained on."))
     holdout_tolerance: float = Field(default=0.0, ge=0, description="Allowed holdout accuracy drop when promoting.")
     signing_key: Path | None = Field(
         default=None, description="Ed25519 private key PEM; each promoted package is signed with it.")

