@@ -10,10 +10,10 @@ Per batch, in this order (the delivery rule; see also ``process_batch``):
   5. send every output (labelled, uncertain, dead letter) and wait until the broker acknowledges all;
   6. only then ack the step's events and commit their offsets.
 
-A failure in step 5 is retried by re-sending; a step is never acknowledged before its outputs are. An
-output the broker refuses for that record alone (too large for the topic, invalid) is replaced by a
-minimal dead letter for that record (``output_rejected``); only failures of the broker as a whole
-(``DeliveryError`` after every retry) stop the worker.
+A failure in step 5 is retried by re-sending (``worker.delivery``); a step is never acknowledged before its
+outputs are. An output the broker refuses for that record alone (too large for the topic, invalid) is
+replaced by a minimal dead letter for that record (``output_rejected``); only failures of the broker as a
+whole (``DeliveryError`` after every retry) stop the worker.
 
 Rebalances: faust waits for unacked events before it gives partitions up. The consumer's rebalance timeout
 is ``batch_deadline_s`` plus the session timeout, so a member finishing a step is never dropped while
@@ -21,7 +21,7 @@ it still produces (two members would then write the same keys); a step that over
 the token budget of the batch's remaining steps.
 
 Input is read ``read_committed`` (``worker.faust_transport``): records of aborted transactions are not
-labelled. Model updates are authenticated and checked before they are loaded (``_load_if_changed``).
+labelled. Model updates are authenticated and checked before they are loaded (``worker.model_updates``).
 Exceptions must not escape the agent body: faust's take_events() acks the buffered events in a
 ``finally`` block, so an escaping exception would commit offsets of records that produced nothing.
 On SIGTERM the in-flight batch is finished (steps 3–5) before the agent is allowed to stop.
@@ -43,9 +43,7 @@ from typing import Any
 import faust
 import numpy as np
 import structlog
-from aiokafka.errors import (
-    KafkaError,
-)
+from aiokafka.errors import KafkaError
 
 from runtime.inference import Classifier
 from runtime.settings import WorkerSettings
