@@ -95,7 +95,7 @@ async def test_worker_training_and_monitor_write_only_json_lines(topics, tiny_mo
     train_file.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in generated(200, seed=3)))
     trained = subprocess.run(
         [sys.executable, "-m", "cli", "train", "--train", str(train_file), "--base-encoder", str(tiny_encoder),
-         "--name", "logs", "--out", str(tmp_path / "pkg"), "--work-dir", str(tmp_path / "work"),
+         "--name", "logs", "--output", str(tmp_path / "pkg"), "--work-dir", str(tmp_path / "work"),
          "--max-steps", "10", "--batch-size", "16", "--eval-every", "10", "--max-length", "32", "--no-baselines",
          "--version", "0.0.1"],
         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "SENTIMENT_LOG_LEVEL": "INFO"}, capture_output=True,
