@@ -104,3 +104,18 @@ async def test_worker_training_and_monitor_write_only_json_lines(topics, tiny_mo
     train_records = json_lines(trained.stderr, "training")
     assert train_records, "the training run logged nothing: the check above would be vacuous"
     assert any(r["logger"].startswith("training") for r in train_records)
+
+
+def test_a_message_with_quotes_and_newlines_stays_one_json_line(capsys):
+    """The trainer once logged through a hand-built JSON format string: a decision (itself JSON) in the message
+    made the line invalid. Through ``runtime.logs`` any message is escaped, stdlib or structlog alike."""
+    import logging
+
+    from runtime import logs
+
+    logs.configure("INFO")
+    logging.getLogger("training.trainer").info("retrain decision: %s", json.dumps({"reason": 'a "quoted"\nline'}))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["event"].startswith("retrain decision: {") and record["logger"] == "training.trainer"
