@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the all-INT8 stand-in run (only made when the shipped package is used)")
     parser.add_argument("--skip-kafka", action="store_true")
     parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--skip-http", action="store_true", help="skip the HTTP-with-stream row (bench/http.py)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench")
     args = parser.parse_args(argv)
@@ -236,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
                                                            absa=results["inprocess_default"]["absa"]))
         except Exception as exc:
             results["errors"]["cold_start"] = f"{exc!r} (worker logs in {log_dir})"
+        if not args.skip_http:
+            from bench.http import http_run
+
+            try:
+                log("HTTP at 50% load while the stream runs at 50% load, one worker (bench/http.py)")
+                results["http"] = asyncio.run(http_run(model_dir, texts, log_dir, args.latency_seconds, log=log,
+                                                       burst=min(len(texts), 2000)))
+            except Exception as exc:
+                results["errors"]["http"] = f"{exc!r} (worker logs in {log_dir})"
     results["load_average_end"] = load_average()
     results["elapsed_s"] = time.monotonic() - started
     summary = build_summary(results)
@@ -315,6 +325,9 @@ def build_summary(r: dict) -> dict:
         "absa_overhead": r["absa"]["overhead"],
         "rss_mb": max(rss) if rss else None,
         "cold_start_s": r.get("cold_start", {}).get("cold_start_s"),
+        "http_p50_ms_at_50pct_load_with_stream_at_50pct": r.get("http", {}).get("http_p50_ms"),
+        "http_p99_ms_at_50pct_load_with_stream_at_50pct": r.get("http", {}).get("http_p99_ms"),
+        "stream_throughput_loss_from_http_at_50pct": r.get("http", {}).get("stream_throughput_loss"),
         "load_average": r["load_average_start"][0],
         "errors": sorted(r["errors"]),
     }

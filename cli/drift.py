@@ -1,7 +1,8 @@
 """Drift commands: ``drift-monitor`` (the Kafka process), ``drift-check`` (offline replay), ``drift-fit``.
 
 The mechanisms are ``drift.service``, ``drift.check`` and ``drift.fit`` (their module docstrings give the
-contracts); these are their front ends.
+contracts); these are their front ends. ``drift-check`` and ``drift-fit`` show their progress in lines read
+(``runtime.progress``: a bar on a terminal, JSON ``progress`` records on stderr otherwise).
 """
 
 from __future__ import annotations
@@ -72,14 +73,16 @@ def drift_check(model: Path, input_path: Path, window: int, batch_size: int, thr
     A count of windows and skipped lines goes to stderr.
     """
     from drift.check import CheckOptions, check
+    from runtime.progress import Progress, count_lines
 
     options = CheckOptions(model=model, window=window, batch_size=batch_size, threshold=threshold,
                            false_alarm_rate=false_alarm_rate, replicates=replicates, threads=threads)
-    if str(input_path) == "-":
-        count, skipped = check(options, sys.stdin, sys.stdout)
-    else:
-        with open(input_path, encoding="utf-8", errors="replace") as handle:
-            count, skipped = check(options, handle, sys.stdout)
+    with Progress("drift-check", total=count_lines(input_path)) as progress:
+        if str(input_path) == "-":
+            count, skipped = check(options, sys.stdin, sys.stdout, progress)
+        else:
+            with open(input_path, encoding="utf-8", errors="replace") as handle:
+                count, skipped = check(options, handle, sys.stdout, progress)
     print(f"drift-check: {count} window(s), {skipped} line(s) skipped", file=sys.stderr)
     return 0
 
@@ -109,7 +112,10 @@ def drift_fit(model: Path, domains: list[tuple[str, Path]], write: bool, markdow
     samples, one window per domain, with leave-one-domain-out errors. Prints one JSON object (or --markdown)."""
     from drift.fit import fit_package
     from drift.fit import markdown as as_markdown
+    from runtime.progress import Progress, count_lines
 
-    result = fit_package(model, domains, threads=threads, write=write)
+    totals = [count_lines(path) for _, path in domains]
+    with Progress("drift-fit", total=None if None in totals else sum(totals)) as progress:
+        result = fit_package(model, domains, threads=threads, write=write, progress=progress)
     print(as_markdown(result) if markdown else json.dumps(result, indent=2))
     return 0

@@ -25,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
+from cli.distill import distill
 from cli.drift import drift_check, drift_fit, drift_monitor
 from cli.models import keygen, models, sign
 from cli.operations import drift_report, freeze_scales, review
@@ -68,7 +69,8 @@ def sentiment(ctx: click.Context, log_level: str) -> None:
 
 
 for command in (worker, produce, tail, predict, feedback, review, replay, config, keygen, sign, models,
-                freeze_scales, drift_monitor, drift_check, drift_fit, drift_report, train, evaluate, trainer, absa):
+                freeze_scales, drift_monitor, drift_check, drift_fit, drift_report, train, evaluate, trainer, absa,
+                distill):
     sentiment.add_command(command)
 
 

@@ -2,14 +2,18 @@
 
 Each reads ``WorkerSettings`` (``SENTIMENT_*``) through ``cli.common.load_settings``, so an invalid value ends
 as one line and exit 2. ``produce``, ``feedback`` and ``predict`` read ``--input`` (``-``: stdin, the default
-of the first two); ``predict`` writes ``--output`` (default ``-``: stdout). Summaries go to stderr as JSON.
+of the first two); ``predict`` writes ``--output`` (default ``-``: stdout). Summaries go to stderr as JSON, after
+the progress (``runtime.progress``: a bar on a terminal, JSON ``progress`` records otherwise) of ``produce``,
+``feedback`` (records acknowledged) and ``predict`` (lines read).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -23,8 +27,13 @@ from runtime.errors import UserError
 from schemas import ErrorCode
 
 if TYPE_CHECKING:
-    from runtime.settings import WorkerSettings
+    from runtime.progress import Progress
+    from runtime.settings import KafkaSettings, WorkerSettings
     from schemas import Feedback
+
+# Records read but not yet acknowledged by the broker: what bounds produce's memory, whatever the input size.
+MAX_IN_FLIGHT = 1000
+_END = object()
 
 
 def worker_settings(ctx: click.Context) -> WorkerSettings:
@@ -88,16 +97,142 @@ def request_lines(stream: Iterable[str], assign_ids: bool) -> Iterator[dict]:
 @click.option("--no-ids", is_flag=True, help="Don't assign ids to lines without one.")
 @click.pass_context
 def produce(ctx: click.Context, input_path: Path, topic: str | None, key_field: str, no_ids: bool) -> int:
-    """Read texts and send one SentimentRequest per line; prints {"topic", "sent"} on stderr."""
+    """Read texts and send one SentimentRequest per line as it is read (a pipe that stays open is sent as it
+    comes, in bounded memory); prints {"topic", "sent"} on stderr once every record is acknowledged."""
+    from runtime.progress import Progress, count_lines
+
     settings = worker_settings(ctx)
     topic = topic or settings.input_topics[0]
-    with open_input(input_path) as stream:
-        payloads = list(request_lines(stream, assign_ids=not no_ids))
-    from runtime.kafka_io import produce_json
-
-    sent = asyncio.run(produce_json(settings, topic, payloads, key_field=key_field))
+    with open_input(input_path) as stream, Progress("produce", total=count_lines(input_path)) as progress:
+        lines = LineCount(stream)
+        sent = asyncio.run(send_stream(settings, topic, request_lines(lines, assign_ids=not no_ids), key_field,
+                                       progress))
+        progress.update(lines.count - sent)  # the blank lines: read, never sent
     print(json.dumps({"topic": topic, "sent": sent}), file=sys.stderr)
     return 0
+
+
+class LineCount:
+    """Iterates over ``stream``, counting the lines read (blank ones too)."""
+
+    def __init__(self, stream: Iterable[str]) -> None:
+        self.stream, self.count = stream, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self.stream:
+            self.count += 1
+            yield line
+
+
+class ReadAhead:
+    """A thread that reads ``items`` ahead of the event loop, at most ``limit`` of them not yet released.
+
+    Reading blocks (a pipe waits for its writer); in a thread it never holds up the loop, which keeps sending
+    and collecting acknowledgements meanwhile. The loop ``take``s what was read in batches (one wake-up per
+    batch, not per item: fewer hand-overs of the GIL) and ``release``s a slot per item it is done with.
+    """
+
+    def __init__(self, items: Iterable[object], limit: int) -> None:
+        self._items, self._limit, self._slots = items, limit, threading.Semaphore(limit)
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._ready: list[object] = []
+        self._waiter: asyncio.Future | None = None
+        self._stopped = False
+        threading.Thread(target=self._read, name="produce-input", daemon=True).start()
+
+    def _read(self) -> None:
+        end: object = _END
+        try:
+            for item in self._items:
+                self._slots.acquire()
+                if self._stopped:
+                    return
+                self._put(item)
+        except Exception as exc:  # raised again on the loop, where the command's errors are handled
+            end = exc
+        self._put(end)
+
+    def _put(self, item: object) -> None:
+        with self._lock:
+            self._ready.append(item)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the command has already failed
+                self._loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+
+    async def take(self) -> list[object]:
+        """What was read since the last call, after waiting for one item; ends with ``_END`` or an error."""
+        while True:
+            with self._lock:
+                if self._ready:
+                    batch, self._ready = self._ready, []
+                    return batch
+                self._waiter = waiter = self._loop.create_future()
+            await waiter
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def close(self) -> None:
+        self._stopped = True
+        self._slots.release(self._limit)  # a reader waiting for a slot wakes up and stops
+
+
+async def send_stream(settings: KafkaSettings, topic: str, payloads: Iterable[dict], key_field: str | None,
+                      progress: Progress | None = None) -> int:
+    """Sends each payload as a JSON value (keyed by ``payload[key_field]`` when present) as soon as it is read;
+    returns the count once all are acknowledged (acks=all), the first failed send raising.
+
+    Steps: a thread reads ``payloads`` (``ReadAhead``); the loop sends each one; every acknowledgement frees
+    one of ``MAX_IN_FLIGHT`` slots, so at most that many records are held between reading and the broker.
+    ``progress`` counts acknowledged records.
+    """
+    from aiokafka import AIOKafkaProducer
+
+    pending: set[asyncio.Future] = set()
+    errors: list[BaseException] = []
+    sent = 0
+
+    def acknowledged(future: asyncio.Future) -> None:
+        nonlocal sent
+        pending.discard(future)
+        reader.release()
+        if future.cancelled():
+            return
+        if (error := future.exception()) is not None:
+            errors.append(error)
+        else:
+            sent += 1
+            if progress is not None:
+                progress.update()
+
+    producer = AIOKafkaProducer(**settings.aiokafka_kwargs(), acks="all", linger_ms=5, max_request_size=2_000_000)
+    await producer.start()
+    reader = ReadAhead(payloads, MAX_IN_FLIGHT)
+    try:
+        finished = False
+        while not finished:
+            for payload in await reader.take():
+                if payload is _END:
+                    finished = True
+                    break
+                if isinstance(payload, BaseException):
+                    raise payload
+                if errors:
+                    raise errors[0]
+                key = payload.get(key_field) if key_field else None
+                future = await producer.send(topic, json.dumps(payload, ensure_ascii=False).encode("utf-8"),
+                                             key=str(key).encode("utf-8") if key is not None else None)
+                pending.add(future)
+                future.add_done_callback(acknowledged)
+        await asyncio.gather(*pending, return_exceptions=True)  # their errors: ``acknowledged``
+        if errors:
+            raise errors[0]
+        return sent
+    finally:
+        reader.close()
+        await producer.stop()
 
 
 def feedback_items(stream: Iterable[str], source: str, name: str) -> list[Feedback]:
@@ -134,10 +269,11 @@ def feedback(ctx: click.Context, input_path: Path, source: str) -> int:
     settings = worker_settings(ctx)
     with open_input(input_path) as stream:
         items = feedback_items(stream, source, "stdin" if str(input_path) == "-" else str(input_path))
-    from runtime.kafka_io import produce_json
+    from runtime.progress import Progress
 
     payloads = [item.model_dump(mode="json", by_alias=True) for item in items]
-    sent = asyncio.run(produce_json(settings, settings.feedback_topic, payloads, key_field="id"))
+    with Progress("feedback", total=len(payloads)) as progress:
+        sent = asyncio.run(send_stream(settings, settings.feedback_topic, payloads, "id", progress))
     print(json.dumps({"topic": settings.feedback_topic, "sent": sent}), file=sys.stderr)
     return 0
 
@@ -185,13 +321,15 @@ def predict(ctx: click.Context, model: Path | None, input_path: Path, output: Pa
 
     Prints the counts {"labeled", "uncertain", "dead_letter"} on stderr.
     """
+    from runtime.progress import Progress, count_lines
     from worker.predict import predict_file
 
     settings = worker_settings(ctx)
     model_dir = model or settings.model_dir
     threads = threads or max(settings.intra_op_threads, 2)
-    with open_input(input_path) as source, open_output(output) as sink:
-        counts = predict_file(model_dir, source, sink, settings, batch_size, threads)
+    with (open_input(input_path) as source, open_output(output) as sink,
+          Progress("predict", total=count_lines(input_path)) as progress):
+        counts = predict_file(model_dir, source, sink, settings, batch_size, threads, progress)
     print(json.dumps(counts), file=sys.stderr)
     return 0
 

@@ -19,6 +19,8 @@ Contract:
     whose label the model knows.
   * Exit status (``sentiment drift-check``, README "Exit codes"): 0 on success, 2 when the model or the
     input cannot be read or an argument is invalid.
+  * Progress (``runtime.progress.Progress``, on stderr) counts lines: a skipped one when it is read, a
+    record once its window is written.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 
 from drift.detector import DetectorConfig, DriftDetector, WindowResult
 from runtime.inference import Classifier
+from runtime.progress import Progress
 from runtime.window_stats import summarize_window, window_edges
 
 LABEL_ALIASES = {"pos": "POSITIVE", "positive": "POSITIVE", "neg": "NEGATIVE", "negative": "NEGATIVE",
@@ -80,11 +83,13 @@ def label_index(raw: Any, labels: Sequence[str]) -> int:
     return -1
 
 
-def read_records(handle: TextIO, skipped: list[int]) -> Iterator[Record]:
+def read_records(handle: TextIO, skipped: list[int], progress: Progress | None = None) -> Iterator[Record]:
     for line in handle:
         record = parse_line(line)
         if record is None:
             skipped[0] += 1
+            if progress is not None:
+                progress.update()
         else:
             yield record
 
@@ -126,7 +131,7 @@ def window_line(result: WindowResult, window: int, start: int, size: int, label_
 
 
 def run(classifier: Classifier, detector: DriftDetector, records: Iterable[Record], size: int, batch_size: int,
-        out: TextIO) -> int:
+        out: TextIO, progress: Progress | None = None) -> int:
     """Scores ``records`` window by window and writes one JSON line per window; returns the window count."""
     labels = classifier.labels
     threshold = detector.reference.threshold
@@ -156,6 +161,8 @@ def run(classifier: Classifier, detector: DriftDetector, records: Iterable[Recor
         mix = {label: stats.label_counts[label] / stats.n for label in labels}
         out.write(json.dumps(window_line(result, count, start, size, mix, accuracy, int(known.sum()))) + "\n")
         out.flush()
+        if progress is not None:
+            progress.update(len(chunk))
         count += 1
         start += len(chunk)
     return count
@@ -174,7 +181,7 @@ class CheckOptions:
     threads: int = 1
 
 
-def check(options: CheckOptions, source: TextIO, out: TextIO) -> tuple[int, int]:
+def check(options: CheckOptions, source: TextIO, out: TextIO, progress: Progress | None = None) -> tuple[int, int]:
     """Loads the model and its detector, replays ``source``; returns (windows written, lines skipped).
 
     A model that cannot be loaded raises ``PackageError`` (a ``UserError``), bad detector knobs ``ValueError``.
@@ -187,5 +194,6 @@ def check(options: CheckOptions, source: TextIO, out: TextIO) -> tuple[int, int]
     config = DetectorConfig(**{k: v for k, v in knobs.items() if v is not None})
     detector = DriftDetector(classifier.manifest, config)
     skipped = [0]
-    count = run(classifier, detector, read_records(source, skipped), options.window, options.batch_size, out)
+    count = run(classifier, detector, read_records(source, skipped, progress), options.window, options.batch_size,
+                out, progress)
     return count, skipped[0]

@@ -20,6 +20,8 @@ Contract:
   * stdout: one JSON object (per-domain rows, the fit, the leave-one-out errors); ``--markdown`` prints the
     table instead. Exit status 2 when the package or a file cannot be used (one line on stderr: the
     ``UserError``s ``PackageError``, ``DriftConfigError``, ``DriftFitError``).
+  * Progress (``runtime.progress.Progress``, on stderr) counts the domain files' lines: a line that is not
+    scored (blank, no text, no label the model knows) when it is read, a record once its batch is scored.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from drift.reference import AccuracyEstimator, Reference, WindowSummary
 from runtime.errors import UserError
 from runtime.inference import Classifier
 from runtime.package import read_manifest, save_manifest, verify_package
+from runtime.progress import Progress
 from runtime.window_stats import summarize_window, window_edges
 from schemas import ModelManifest
 
@@ -69,20 +72,26 @@ class Fit:
 
 
 def domain_window(classifier: Classifier, ref: Reference, name: str, path: Path,
-                  batch_size: int = 256) -> DomainWindow:
+                  batch_size: int = 256, progress: Progress | None = None) -> DomainWindow:
     """Scores a labelled file as a single window (records whose label the model lacks are dropped)."""
     labels = classifier.labels
     with open(path, encoding="utf-8") as handle:
-        records = [r for r in read_records(handle, [0]) if label_index(r.label, labels) >= 0]
+        read = list(read_records(handle, [0], progress))
+    records = [r for r in read if label_index(r.label, labels) >= 0]
+    if progress is not None:
+        progress.update(len(read) - len(records))
     if not records:
         raise DriftFitError(f"{name}: no records with a label among {labels}")
     texts = [r.text for r in records]
     gold = np.array([label_index(r.label, labels) for r in records])
     probs, cut = [], []
     for lo in range(0, len(texts), batch_size):
-        predictions = classifier.predict(texts[lo:lo + batch_size])
+        batch = texts[lo:lo + batch_size]
+        predictions = classifier.predict(batch)
         probs.append(predictions.probabilities)
         cut.append(predictions.truncated)
+        if progress is not None:
+            progress.update(len(batch))
     probabilities, truncated = np.concatenate(probs), np.concatenate(cut)
     pred, conf = probabilities.argmax(axis=1), probabilities.max(axis=1)
     now = time.time()
@@ -180,12 +189,13 @@ def write_estimator(package_dir: Path, result: dict) -> None:
     verify_package(package_dir)
 
 
-def fit_package(model: Path, domains: Sequence[tuple[str, Path]], threads: int = 2, write: bool = False) -> dict:
+def fit_package(model: Path, domains: Sequence[tuple[str, Path]], threads: int = 2, write: bool = False,
+                progress: Progress | None = None) -> dict:
     """``sentiment drift-fit``: scores each (name, file) domain, fits, and with ``write`` stores the fit in the
     package's manifest; returns the report (``report``). Unusable input raises a ``UserError``."""
     classifier = Classifier.load(model, intra_op_threads=threads)
     ref = Reference.from_manifest(classifier.manifest)
-    windows = [domain_window(classifier, ref, name, path) for name, path in domains]
+    windows = [domain_window(classifier, ref, name, path, progress=progress) for name, path in domains]
     result = report(classifier, ref, windows)
     if write:
         write_estimator(model, result)

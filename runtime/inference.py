@@ -3,8 +3,10 @@
 Contract:
   * ``Classifier.load(dir)`` verifies the package's hashes before it builds a session (PackageError).
   * ``Classifier.predict(texts)`` returns calibrated probabilities, one row per text, in input order.
-    Texts are sorted by token length and cut into sub-batches where that saves more padding than an
-    extra session call costs (``plan_sub_batches``): padding waste costs as much as quantization saves.
+    A text over ``max_length`` tokens is read as windows of whole sentences, up to ``text_token_budget``
+    tokens, and its row aggregates theirs (``runtime/chunking.py``); ``truncated`` means that budget ran out.
+    Rows (texts or windows) are sorted by token length and cut into sub-batches where that saves more padding
+    than an extra session call costs (``plan_sub_batches``): padding waste costs as much as quantization saves.
   * ``decide`` turns one probability row into (label, predicted_label, confidence): below the
     threshold the label is UNCERTAIN, and predicted_label keeps the argmax.
 """
@@ -12,7 +14,7 @@ Contract:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,16 @@ import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from tokenizers import Encoding, Tokenizer
 
+from runtime.chunking import (
+    AGGREGATION,
+    DEFAULT_TEXT_TOKEN_BUDGET,
+    Window,
+    WindowPlan,
+    aggregate,
+    pack_windows,
+    sentence_spans,
+    with_specials,
+)
 from runtime.numeric import softmax
 from runtime.package import LoadedPackage, load_package
 from schemas import ModelManifest, ModelRef
@@ -61,7 +73,8 @@ def folded(text: str, max_length: int) -> str:
 @dataclass(frozen=True)
 class Predictions:
     probabilities: np.ndarray  # (n, num_labels), calibrated, rows sum to 1
-    truncated: np.ndarray  # (n,) bool: the text was longer than max_length tokens
+    truncated: np.ndarray  # (n,) bool: part of the text was not read (over max_length, or over the text budget)
+    windows: np.ndarray | None = None  # (n,) int: windows read per text (``predict``; None elsewhere)
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -110,11 +123,84 @@ class Classifier:
     def max_length(self) -> int:
         return self.manifest.max_length
 
-    def predict(self, texts: Sequence[str]) -> Predictions:
-        whole = [folded(t, self.max_length) for t in texts]
-        cut = [bounded_text(t, self.max_length) for t in whole]
-        predictions = self._predict(self.tokenizer.encode_batch(cut))
-        return self._flag_cut(predictions, whole, cut)
+    def predict(self, texts: Sequence[str], text_token_budget: int = DEFAULT_TEXT_TOKEN_BUDGET,
+                aggregation: str = AGGREGATION) -> Predictions:
+        """One calibrated row per text. Steps: tokenise each text's first ``max_length × 101`` characters; a
+        text that fits ``max_length`` tokens is one window as it is; a longer one is planned into windows
+        (``plan_windows``, at most ``text_token_budget // max_length``); every window of the batch is scored
+        together (each row independently of its batch-mates); a text's windows are aggregated."""
+        limit = self.max_length
+        whole = [folded(t, limit) for t in texts]
+        heads = self.tokenizer.encode_batch([bounded_text(t, limit) for t in whole])
+        max_windows = max(1, text_token_budget // limit)
+        specials = self.specials
+        rows: list[Encoding | Window] = []
+        owners: list[int] = []
+        truncated = np.zeros(len(texts), dtype=bool)
+        for index, (text, head) in enumerate(zip(whole, heads, strict=True)):
+            if len(head.ids) <= limit and len(text) <= limit * CHARS_PER_TOKEN_BOUND:
+                rows.append(head)
+                owners.append(index)
+                continue
+            plan = self.plan_windows(text, max_windows)
+            truncated[index] = plan.truncated
+            contents = plan.windows or [[]]  # no token at all (control characters): read as an empty text
+            rows.extend(with_specials(w, specials) for w in contents)
+            owners.extend([index] * len(contents))
+        logits, _ = self.logits_for(rows)
+        window_probs = softmax(logits, self.manifest.temperature, np.float32)
+        owner = np.asarray(owners, dtype=np.int64)
+        windows = np.bincount(owner, minlength=len(texts)).astype(np.int64)
+        probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        tokens = np.fromiter((len(r.ids) - 2 for r in rows), dtype=np.int64, count=len(rows))
+        for index in range(len(texts)):
+            mine = owner == index
+            probs[index] = aggregate(window_probs[mine], tokens[mine], aggregation)
+        return Predictions(probs, truncated, windows)
+
+    @property
+    def specials(self) -> list[int]:
+        """The ids a single sequence is wrapped in (``[CLS]``, ``[SEP]``), from the tokenizer's own template."""
+        return self.tokenizer.encode("").ids
+
+    def plan_windows(self, text: str, max_windows: int) -> WindowPlan:
+        """``text`` as at most ``max_windows`` windows of whole sentences (``runtime/chunking.py``).
+
+        Tokenising is bounded like the single pass: sentences are tokenised one at a time and only until the
+        windows are full, and a sentence only as far as its characters can reach the room left (every token
+        yielded is packed, so at most ``room`` more can be; one more tells that text was left). Text beyond a cut
+        counts as unread (``truncated``): 100,000 characters without a sentence end cost one window budget's
+        worth of tokenising, not the whole text's."""
+        capacity = self.max_length - 2
+        text = LONG_WHITESPACE.sub(" ", text)
+        cut = False
+
+        def pieces() -> Iterator[list[int]]:
+            nonlocal cut
+            room = max_windows * capacity
+            for start, end in sentence_spans(text):
+                ids, cut_here = self._leading_tokens(text[start:end], max(room, 0) + 1)
+                cut = cut or cut_here
+                room -= len(ids)
+                yield ids
+
+        plan = pack_windows(pieces(), capacity, max_windows)
+        return WindowPlan(plan.windows, truncated=True) if cut and not plan.truncated else plan
+
+    def _leading_tokens(self, sentence: str, need: int) -> tuple[list[int], bool]:
+        """The tokens of ``sentence``, or, when it is longer than ``need`` tokens can reach, the tokens of a
+        prefix cut at a space (so no word is cut: the tokens kept are exactly the sentence's first ones) and
+        True. English averages under 8 characters a token, so a prefix of ``need × 8`` characters is tried
+        first and ``need × 101`` (the hard bound) only when that held too few tokens."""
+        for chars in (need * 8, need * CHARS_PER_TOKEN_BOUND):
+            if len(sentence) <= chars:
+                return self.tokenizer.encode(sentence, add_special_tokens=False).ids, False
+            head = sentence[:chars]
+            space = head.rfind(" ")
+            ids = self.tokenizer.encode(head[:space] if space > chars // 2 else head, add_special_tokens=False).ids
+            if len(ids) >= need:
+                break
+        return ids, True
 
     def predict_pairs(self, texts: Sequence[str], second: Sequence[str]) -> Predictions:
         """Sentence-pair scoring (ABSA: text, aspect); truncation cuts the first sequence only."""
@@ -130,7 +216,7 @@ class Classifier:
                 predictions.truncated[row] = True
         return predictions
 
-    def logits_for(self, encodings: list[Encoding], pairs: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def logits_for(self, encodings: Sequence[Encoding | Window], pairs: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Raw logits and truncation flags for encodings, in input order."""
         n = len(encodings)
         logits = np.zeros((n, len(self.labels)), dtype=np.float32)
@@ -155,7 +241,7 @@ class Classifier:
         logits, truncated = self.logits_for(encodings, pairs)
         return Predictions(softmax(logits, self.manifest.temperature, np.float32), truncated)
 
-    def _feed(self, encodings: list[Encoding], pairs: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def _feed(self, encodings: list[Encoding | Window], pairs: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
         limit = self.max_length
         width = min(max(len(e.ids) for e in encodings), limit)
         input_ids = np.zeros((len(encodings), width), dtype=np.int64)

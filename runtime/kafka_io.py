@@ -44,7 +44,10 @@ def readable(record: dict[str, Any]) -> str:
                 f"model={record.get('model', {}).get('version')} at {record.get('detected_at')}")
     if schema.startswith("sentiment.labeled"):
         aspects = ", ".join(f"{a['aspect']}={a['label']}" for a in record.get("aspects", []))
-        return (f"{record.get('id')}: {record.get('label')} ({record.get('confidence'):.3f})"
+        confidence = record.get("confidence")  # null when the model did not run (unsupported_language)
+        score = (f"{confidence:.3f}" if confidence is not None
+                 else f"{record.get('uncertain_reason')}: {record.get('lang')}")
+        return (f"{record.get('id')}: {record.get('label')} ({score})"
                 + (f" [{aspects}]" if aspects else ""))
     if schema.startswith("sentiment.dlq"):
         return f"{record.get('id')}: DEAD LETTER {record['error']['code']}: {record['error']['message']}"

@@ -4,13 +4,20 @@ Contract: ``Progress(task, total)`` counts units of work (``update(n)``). When s
 ``tqdm`` bar there; otherwise (a pipe, a log collector, CI) it logs one ``progress`` record (JSON, through
 ``runtime.logs``) at most every ``interval_s`` seconds and one when it closes, with ``task``, ``done``,
 ``total`` (when known) and ``rate_per_s``. Either way nothing else is written to stdout, so a command's
-output stays machine-readable.
+output stays machine-readable. As a context manager, an exception ends the bar but logs no final record: a
+failed command's last line on stderr stays its error.
+
+A command that reads a file counts its progress in lines read, its total from ``count_lines`` (None for
+stdin, where the total is unknown: the bar then shows the count and the rate).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import time
+from pathlib import Path
 from types import TracebackType
 
 import structlog
@@ -62,4 +69,31 @@ class Progress:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
-        self.close()
+        if error is None:
+            self.close()
+        elif self._bar is not None:  # no final record after a failure: the error is the command's last line
+            self._bar.close()
+
+
+def count_lines(path: str | Path | None) -> int | None:
+    """Lines of the regular file at ``path`` as a text-mode read counts them (``\\n``, ``\\r\\n`` and a lone
+    ``\\r`` each end one; a last line without an end counts); None for ``-`` (stdin), None, or anything that
+    is not a regular file (a pipe can be read only once).
+
+    Counted in bytes: a newline byte never occurs inside another UTF-8 character, so nothing is decoded.
+    """
+    if path is None or str(path) == "-":
+        return None
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        lines, last = 0, b""
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                lines += block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+                if last == b"\r" and block[:1] == b"\n":  # a \r\n cut between two blocks
+                    lines -= 1
+                last = block[-1:]
+    except OSError:
+        return None
+    return lines + (1 if last not in (b"", b"\n", b"\r") else 0)

@@ -20,6 +20,7 @@ from schemas.events import (
     SourceRef,
     WindowStats,
 )
+from schemas.http import HttpError, ItemError, PredictRequest, PredictResponse
 from schemas.manifest import ConfidenceReference, DataFingerprint, MetricRecord, ModelManifest
 
 __all__ = [
@@ -34,12 +35,16 @@ __all__ = [
     "DriftWindow",
     "ErrorCode",
     "Feedback",
+    "HttpError",
+    "ItemError",
     "Label",
     "LabeledEvent",
     "MetricRecord",
     "ModelManifest",
     "ModelRef",
     "ModelUpdate",
+    "PredictRequest",
+    "PredictResponse",
     "RecordHeader",
     "RetrainRequest",
     "SentimentRequest",

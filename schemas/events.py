@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 Label = Literal["POSITIVE", "NEGATIVE", "NEUTRAL", "UNCERTAIN"]
 UNCERTAIN: Label = "UNCERTAIN"
+UncertainReason = Literal["low_confidence", "unsupported_language"]
 
 ErrorCode = Literal[
     "invalid_json",
@@ -176,15 +177,29 @@ class AspectSentiment(BaseModel):
 class LabeledEvent(_Event):
     schema_: Literal["sentiment.labeled/v1"] = Field(default="sentiment.labeled/v1", alias="schema")
     id: str
-    label: Label = Field(description="predicted_label, or UNCERTAIN when confidence < threshold.")
-    predicted_label: Label = Field(description="The model's argmax, kept even when label is UNCERTAIN.")
-    confidence: float = Field(description="Calibrated probability of predicted_label.")
-    probabilities: dict[str, float]
+    label: Label = Field(description="predicted_label, or UNCERTAIN when confidence < threshold or the text's "
+                                     "language is not one the model supports (uncertain_reason says which).")
+    predicted_label: Label | None = Field(description=(
+        "The model's argmax, kept even when label is UNCERTAIN; null when the model did not run "
+        "(uncertain_reason unsupported_language)."))
+    confidence: float | None = Field(description=(
+        "Calibrated probability of predicted_label; null when the model did not run (unsupported_language)."))
+    probabilities: dict[str, float] = Field(description="Per label; empty when the model did not run.")
+    uncertain_reason: UncertainReason | None = Field(default=None, description=(
+        "Why label is UNCERTAIN: low_confidence (confidence < threshold) or unsupported_language (lang is not "
+        "one the model supports: the text was not sent to the model); null when label is not UNCERTAIN."))
     threshold: float
     aspects: list[AspectSentiment] = Field(default_factory=list)
-    truncated: bool = False
+    truncated: bool = Field(default=False, description=(
+        "Part of the text was not read: it needed more than SENTIMENT_TEXT_TOKEN_BUDGET model tokens."))
+    windows: int = Field(default=1, ge=0, description=(
+        "Model windows the document label was read from: 1 for a text within the model's max_length tokens; a "
+        "longer text is read as windows of whole sentences and its probabilities aggregate theirs; 0 when the "
+        "text was not sent to the model (unsupported_language)."))
     text: str | None = Field(default=None, description="Echoed only when SENTIMENT_ECHO_TEXT is on.")
-    lang: str | None = None
+    lang: str | None = Field(default=None, description=(
+        "The language the text was labelled as: the producer's declared lang (normalised, en-US -> en), else the "
+        "detected one; a text too short or too ambiguous to tell counts as the model's language."))
     model: ModelRef
     source: SourceRef
     received_at: datetime

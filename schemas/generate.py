@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 import schemas
+from schemas.http import openapi_document
 
 JSON_DIR = Path(__file__).parent / "json"
 MODELS: tuple[type[BaseModel], ...] = (
@@ -26,6 +27,9 @@ MODELS: tuple[type[BaseModel], ...] = (
     schemas.RetrainRequest,
     schemas.ModelUpdate,
     schemas.ModelManifest,
+    schemas.PredictRequest,
+    schemas.PredictResponse,
+    schemas.HttpError,
 )
 
 
@@ -34,7 +38,10 @@ def render(model: type[BaseModel]) -> str:
 
 
 def expected_files() -> dict[Path, str]:
-    return {JSON_DIR / f"{model.__name__}.json": render(model) for model in MODELS}
+    files = {JSON_DIR / f"{model.__name__}.json": render(model) for model in MODELS}
+    # The worker's HTTP endpoint (GET /openapi.json serves the same document).
+    files[JSON_DIR / "openapi.json"] = json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n"
+    return files
 
 
 def main() -> int:

@@ -36,3 +36,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def topics(kafka: str) -> Topics:
     return Topics()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init 2-layer BERT saved like a HF model directory, with the MiniLM tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import BertModel
+
+    from training.tiny import base_tokenizer_json, tiny_config
+
+    out = tmp_path_factory.mktemp("tiny-encoder")
+    torch.manual_seed(0)
+    BertModel(tiny_config(), add_pooling_layer=False).save_pretrained(out)
+    shutil.copyfile(base_tokenizer_json(), out / "tokenizer.json")
+    return out

@@ -145,7 +145,7 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         # ABSA is off unless a test turns it on: most tests are about delivery, and CPU is scarce here.
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "SENTIMENT_METRICS_PORT": "0",
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "SENTIMENT_METRICS_PORT": "0", "SENTIMENT_HTTP_PORT": "0",
                     "SENTIMENT_SESSION_TIMEOUT_S": "6", "SENTIMENT_ABSA_ENABLED": "false", **env}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None

@@ -124,7 +124,7 @@ def test_top_level_help_lists_every_registered_command():
     assert listed == set(sentiment_group.commands)
     expected = {"worker", "produce", "tail", "predict", "feedback", "replay", "config", "keygen", "sign", "models",
                 "drift-monitor", "drift-check", "drift-fit", "train", "evaluate", "trainer", "absa", "review",
-                "drift-report", "freeze-scales"}
+                "drift-report", "freeze-scales", "distill"}
     assert set(sentiment_group.commands) == expected
 
 

@@ -154,7 +154,8 @@ def test_a_stall_past_max_poll_interval_recovers_without_a_rebalance_storm(topic
 
 def test_worst_case_batch_is_bounded(tiny_model):
     """At the defaults a batch can never grow with its input: 64 texts of the maximum accepted size
-    (100,000 characters) become at most 64 × max_length tokens, in session calls within the token budget."""
+    (100,000 characters) become at most 64 × text_token_budget tokens (each read as at most
+    text_token_budget // max_length windows), in session calls within the token budget."""
     from runtime.inference import Classifier
     from runtime.settings import WorkerSettings
     from worker.decode import Decoded, DecodeLimits, RecordMeta, decode_record
@@ -186,7 +187,9 @@ def test_worst_case_batch_is_bounded(tiny_model):
     result = Labeler(classifier, limits).label(batch)
     assert len(result.outputs) == defaults.batch_size
     assert all(o.truncated for o in result.outputs)
-    assert sum(rows * width for rows, width in calls) <= defaults.batch_size * classifier.max_length
+    windows = defaults.text_token_budget // classifier.max_length
+    assert all(o.windows == windows for o in result.outputs)
+    assert sum(rows * width for rows, width in calls) <= defaults.batch_size * windows * classifier.max_length
     assert all(rows * width <= classifier.token_budget for rows, width in calls)
 
 

@@ -137,8 +137,10 @@ def test_hostile_records_each_become_one_output_and_no_worker_exits(topics: Topi
            codes=sorted(set(outcomes.values())))
 
 
-# The stated bound (README "Limits"): the worker with the default ABSA stack, after its worst batch.
-PEAK_RSS_BOUND_MB = 768
+# The stated bound (README "Limits"): the worker with the default ABSA stack, after its worst batch. Raised from
+# 768 MiB in issue 15, measured: the language detector's arrays (~80 MiB, fixed) and 8 document windows per long
+# text, which fill the 4,096-token sub-batches (~110 MiB); neither grows with the input.
+PEAK_RSS_BOUND_MB = 960
 
 
 def peak_rss_mb(pid: int) -> float:

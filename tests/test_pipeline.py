@@ -30,11 +30,11 @@ class FlakyClassifier:
         self.inner, self.fail_first, self.calls = inner, fail_first, 0
         self.labels, self.manifest, self.ref = inner.labels, inner.manifest, inner.ref
 
-    def predict(self, texts):
+    def predict(self, texts, **options):
         self.calls += 1
         if self.calls <= self.fail_first or any("poison" in t for t in texts):
             raise RuntimeError("injected inference failure")
-        return self.inner.predict(texts)
+        return self.inner.predict(texts, **options)
 
 
 @pytest.fixture(scope="module")

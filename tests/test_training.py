@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,18 +45,6 @@ def generated(n: int, seed: int = 0, three: bool = False) -> list[tuple[str, str
         else:
             rows.append((f"the {thing} arrived on tuesday", "NEUTRAL"))
     return rows
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init 2-layer BERT saved like a HF model directory, with the MiniLM tokenizer."""
-    from transformers import BertModel
-
-    out = tmp_path_factory.mktemp("tiny-encoder")
-    torch.manual_seed(0)
-    BertModel(tiny_config(), add_pooling_layer=False).save_pretrained(out)
-    shutil.copyfile(base_tokenizer_json(), out / "tokenizer.json")
-    return out
 
 
 # --- loaders ------------------------------------------------------------------------------------------------

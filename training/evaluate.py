@@ -8,8 +8,9 @@ Contract:
     ≥ t) reaches ``accuracy + error_cut · (1 − accuracy)`` — i.e. the threshold removes ``error_cut`` of the
     errors (0.5: half) while abstaining on as little as possible. The rule text goes into the manifest.
   * ``evaluate(...)`` computes everything for one labelled split and ``write_report`` writes
-    ``metrics.json``, ``report.md`` and the plots into a directory. Other task types (e.g. ABSA) can add
-    their own ``evaluate_*`` function and dispatch on ``manifest.task`` in ``training.workflow.EVALUATORS``.
+    ``metrics.json``, ``report.md`` and the plots into a directory; the baselines show their progress (task
+    ``baselines``: VADER, then each TF-IDF fit). Other task types (e.g. ABSA) can add their own ``evaluate_*``
+    function and dispatch on ``manifest.task`` in ``training.workflow.EVALUATORS``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.progress import Progress
 from training.calibrate import ece
 from training.data import LabeledTexts
 
@@ -37,6 +39,8 @@ SLICES: dict[str, re.Pattern[str]] = {
 }
 SHORT_WORDS = 8
 LONG_WORDS = 25
+SCORE_CHUNK = 1024  # texts per call in score_package: a progress step of seconds; a smaller split is one call
+TFIDF_FOLDS = 5
 
 
 @dataclass
@@ -72,12 +76,19 @@ class Evaluation:
         return dict(self.__dict__)
 
 
-def score_package(package_dir: Path, texts: Sequence[str], threads: int = 2) -> np.ndarray:
-    """Calibrated probabilities from the served INT8 model (hash-verified load)."""
+def score_package(package_dir: Path, texts: Sequence[str], threads: int = 2, progress: bool = True) -> np.ndarray:
+    """Calibrated probabilities from the served INT8 model (hash-verified load), ``SCORE_CHUNK`` texts a call,
+    each call a step of the progress (task ``score``)."""
     from runtime.inference import Classifier
 
-    return Classifier.load(package_dir, intra_op_threads=threads).predict(list(texts)).probabilities.astype(
-        np.float64)
+    classifier = Classifier.load(package_dir, intra_op_threads=threads)
+    parts = []
+    with Progress("score", total=len(texts), enabled=progress) as bar:
+        for lo in range(0, len(texts), SCORE_CHUNK):
+            batch = list(texts[lo:lo + SCORE_CHUNK])
+            parts.append(classifier.predict(batch).probabilities.astype(np.float64))
+            bar.update(len(batch))
+    return np.concatenate(parts) if parts else classifier.predict([]).probabilities.astype(np.float64)
 
 
 def per_class_scores(pred: np.ndarray, gold: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -157,21 +168,30 @@ def vader_predict(texts: Sequence[str], labels: Sequence[str]) -> np.ndarray | N
     return None
 
 
-def tfidf_predict(test_texts: Sequence[str], test_gold: Sequence[int],
-                  train: LabeledTexts | None) -> tuple[np.ndarray, str]:
-    """TF-IDF (word 1-2 grams) + logistic regression trained on ``train``, or 5-fold CV on the split itself."""
+def tfidf_predict(test_texts: Sequence[str], test_gold: Sequence[int], train: LabeledTexts | None,
+                  progress: Progress | None = None) -> tuple[np.ndarray, str]:
+    """TF-IDF (word 1-2 grams) + logistic regression trained on ``train``, or 5-fold CV on the split itself
+    (stratified, unshuffled folds: ``cross_val_predict``'s, fitted one by one so that ``progress`` counts them)."""
+    from sklearn.base import clone
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_predict
+    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
 
     pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
                          LogisticRegression(max_iter=2000, C=4.0))
+    texts, gold = list(test_texts), np.asarray(test_gold)
+    progress = progress or Progress("tfidf", enabled=False)
     if train is not None:
         pipe.fit(train.texts, train.labels)
-        return pipe.predict(list(test_texts)), f"trained on {train.name} ({len(train)} rows)"
-    pred = cross_val_predict(pipe, list(test_texts), np.asarray(test_gold), cv=5)
-    return pred, "5-fold cross-validation on the evaluated split (no train file given)"
+        progress.update()
+        return pipe.predict(texts), f"trained on {train.name} ({len(train)} rows)"
+    pred = np.empty(len(texts), dtype=gold.dtype)
+    for fit_rows, test_rows in StratifiedKFold(TFIDF_FOLDS).split(texts, gold):
+        fold = clone(pipe).fit([texts[i] for i in fit_rows], gold[fit_rows])
+        pred[test_rows] = fold.predict([texts[i] for i in test_rows])
+        progress.update()
+    return pred, f"{TFIDF_FOLDS}-fold cross-validation on the evaluated split (no train file given)"
 
 
 def slice_masks(texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -229,12 +249,14 @@ def evaluate(probs: np.ndarray, data: LabeledTexts, model_name: str, threshold: 
     base: dict[str, dict] = {}
     base_preds: dict[str, np.ndarray] = {}
     if baselines:
-        vader = vader_predict(data.texts, labels)
-        if vader is not None:
-            note = "compound score; 3-class: abs(compound) < 0.05 is NEUTRAL"
-            base["VADER"] = {**headline(vader, gold, labels), "note": note}
-            base_preds["VADER"] = vader
-        tfidf, note = tfidf_predict(data.texts, gold, baseline_train)
+        with Progress("baselines", total=1 + (1 if baseline_train is not None else TFIDF_FOLDS)) as bar:
+            vader = vader_predict(data.texts, labels)
+            bar.update()
+            if vader is not None:
+                note = "compound score; 3-class: abs(compound) < 0.05 is NEUTRAL"
+                base["VADER"] = {**headline(vader, gold, labels), "note": note}
+                base_preds["VADER"] = vader
+            tfidf, note = tfidf_predict(data.texts, gold, baseline_train, bar)
         base["TF-IDF + LogReg"] = {**headline(tfidf, gold, labels), "note": note}
         base_preds["TF-IDF + LogReg"] = tfidf
     slices = {}

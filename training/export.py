@@ -30,6 +30,7 @@ from torch import nn
 from runtime.errors import RefusedError
 from runtime.inference import Classifier
 from runtime.package import LoadedPackage
+from runtime.progress import Progress
 from schemas import ModelManifest
 from training.model import SentimentModel, model_from_config
 from training.static_scales import freeze_file
@@ -391,6 +392,7 @@ def export_int8(model: SentimentModel, tokenizer_json: Path, dev_texts: Sequence
     results: list[VariantResult] = []
     all_logits: dict[str, np.ndarray] = {}
     effective = gate or ParityGate()
+    bar = Progress("export variants", total=len(variants))  # each variant scored on dev: seconds each
     for name, path in variants.items():
         logits, seconds = onnx_logits(path, tokenizer_json, dev_texts, labels, max_length)
         pred = logits.argmax(axis=1)
@@ -406,6 +408,8 @@ def export_int8(model: SentimentModel, tokenizer_json: Path, dev_texts: Sequence
         all_logits[name] = logits
         log.info("variant %s: agreement %.4f acc %.4f (fp32 %.4f) %.2fs %s", name, agreement, acc, fp32_acc,
                  seconds, "PASS" if passed else "FAIL")
+        bar.update()
+    bar.close()
     best = choose_variant(results, fp32_acc, gate)
     return ExportResult(int8_path=Path(best.path), fp32_path=fp32_path, chosen=best.name, fp32_accuracy=fp32_acc,
                         variants=results, logits_fp32=fp32_logits, logits_int8=all_logits[best.name], gate=gate)

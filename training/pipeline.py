@@ -44,6 +44,7 @@ class PackageOptions:
     baselines: bool = True
     out_dir: Path | None = None  # plain package directory (replaced)
     registry: Path | None = None  # <registry>/<name>/<version>/ + CURRENT
+    calibration_texts: list[str] | None = None  # activation ranges (SmoothQuant, static scales); default: train
 
 
 def package_model(model: SentimentModel, tokenizer_json: Path, train_data: LabeledTexts, dev_data: LabeledTexts,
@@ -57,7 +58,8 @@ def package_model(model: SentimentModel, tokenizer_json: Path, train_data: Label
     torch_acc = float((torch_logits.argmax(1) == gold).mean())
     log.info("fp32 torch dev accuracy %.4f", torch_acc)
 
-    calibration = limit(train_data, CALIBRATION_ROWS, seed=0).texts  # SmoothQuant activation ranges: train, not dev
+    # SmoothQuant and static-scale activation ranges come from training text, never from dev.
+    calibration = options.calibration_texts or limit(train_data, CALIBRATION_ROWS, seed=0).texts
     result = export_int8(model, tokenizer_json, dev_data.texts, dev_data.labels, labels, options.max_length,
                          work_dir / "export", gate=options.gate, calibration_texts=calibration)
     chosen = next(v for v in result.variants if v.name == result.chosen)

@@ -48,7 +48,8 @@ class ReviewSummary:
 def render(event: LabeledEvent, labels: Sequence[str]) -> str:
     """What the reviewer sees for one event (plain text, one field per line)."""
     lines = [f"id: {event.id}", f"text: {event.text if event.text is not None else '(no text on this event)'}",
-             f"best guess: {event.predicted_label} ({event.confidence:.3f}; threshold {event.threshold:.3f})"]
+             f"best guess: {event.predicted_label} ({event.confidence:.3f}; threshold {event.threshold:.3f})"
+             if event.confidence is not None else f"best guess: none ({event.uncertain_reason}: {event.lang})"]
     for aspect in event.aspects:
         lines.append(f"  aspect {aspect.aspect}: {aspect.label} ({aspect.confidence:.3f})")
     choices = "  ".join(f"[{i}] {label}" for i, label in enumerate(labels, 1))

@@ -71,6 +71,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     progress: bool = True
     init_from: str | None = None  # a save_model checkpoint to start from (continued fine-tuning)
+    distill_alpha: float = 0.0  # weight of the teacher's soft targets (needs ``soft_targets``); 0: gold only
+    distill_temperature: float = 2.0
 
 
 @dataclass
@@ -209,8 +211,10 @@ def class_weight_vector(labels: list[int], num_labels: int, mode: str) -> torch.
     """``balanced``: n / (k · count); ``sqrt``: its square root (milder); ``none``: no weights."""
     if mode == "none":
         return None
-    counts = np.bincount(np.asarray(labels), minlength=num_labels).astype(np.float64)
-    weights = len(labels) / (num_labels * np.maximum(counts, 1.0))
+    gold = np.asarray(labels)
+    gold = gold[gold >= 0]  # -1: a row without a gold label (distillation)
+    counts = np.bincount(gold, minlength=num_labels).astype(np.float64)
+    weights = len(gold) / (num_labels * np.maximum(counts, 1.0))
     if mode == "sqrt":
         weights = np.sqrt(weights)
     elif mode != "balanced":
@@ -239,8 +243,29 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts) -> TrainResult:
-    """Runs (or resumes) fine-tuning; returns where the best checkpoint is and the eval history."""
+def distill_loss(logits: torch.Tensor, gold: torch.Tensor, teacher: torch.Tensor, alpha: float,
+                 temperature: float, ce: nn.CrossEntropyLoss) -> torch.Tensor:
+    """α·T²·KL(teacher_T ‖ student_T) + (1 − α)·CE(gold), the CE over the rows that have gold (label −1: none).
+
+    T² keeps the soft term's gradient on the same scale as the CE term's whatever T is (Hinton et al., 2015).
+    """
+    soft = nn.functional.kl_div(nn.functional.log_softmax(logits / temperature, dim=-1),
+                                nn.functional.log_softmax(teacher / temperature, dim=-1),
+                                reduction="batchmean", log_target=True) * temperature ** 2
+    if alpha >= 1.0 or not bool((gold >= 0).any()):  # CE of a batch without gold is NaN: leave it out
+        return soft
+    return alpha * soft + (1.0 - alpha) * ce(logits, gold)
+
+
+def train(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts,
+          soft_targets: np.ndarray | None = None) -> TrainResult:
+    """Runs (or resumes) fine-tuning; returns where the best checkpoint is and the eval history.
+
+    With ``soft_targets`` (teacher logits, one row per training text, in ``config.labels`` order) and
+    ``config.distill_alpha`` > 0 the loss is ``distill_loss``; training labels may then be −1 (no gold).
+    """
+    if config.distill_alpha > 0 and (soft_targets is None or len(soft_targets) != len(train_data)):
+        raise ValueError("distill_alpha > 0 needs soft_targets with one row per training text")
     tuner = ThreadTuner(config.threads or (os.cpu_count() or 1))
     set_seed(config.seed)
     out = Path(config.out_dir)
@@ -263,7 +288,8 @@ def train(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts)
     total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     scheduler = linear_schedule(optimizer, int(config.warmup_ratio * total), total)
     weights = class_weight_vector(train_data.labels, num_labels, config.class_weights)
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, ignore_index=-1)
+    teacher = torch.tensor(soft_targets, dtype=torch.float32) if config.distill_alpha > 0 else None
 
     evaluated_at = -1
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": -1.0, "best_step": 0, "bad_evals": 0,
@@ -313,7 +339,11 @@ def train(config: TrainConfig, train_data: LabeledTexts, dev_data: LabeledTexts)
             step_started = time.perf_counter()
             batch = collate(train_ids, train_types, rows)
             logits = model(**batch)
-            loss = loss_fn(logits, gold_train[rows])
+            if teacher is None:
+                loss = loss_fn(logits, gold_train[rows])
+            else:
+                loss = distill_loss(logits, gold_train[rows], teacher[rows], config.distill_alpha,
+                                    config.distill_temperature, loss_fn)
             loss.backward()
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -60,6 +60,8 @@ from worker.decode import (
 )
 from worker.delivery import Delivery, DeliveryError, Output
 from worker.faust_transport import SCHEME
+from worker.http.fair import FairInference
+from worker.http.server import HttpService
 from worker.model_updates import ModelUpdates
 from worker.pipeline import BatchResult, build_labeler, in_input_order, plan_steps
 from worker.topics import ensure_topics
@@ -103,6 +105,8 @@ class StreamWorker(Delivery, ModelUpdates):
         classifier = self.labeler.classifier
         # One inference thread: ORT and tokenizers release the GIL, so the loop stays responsive.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # The stream and the HTTP endpoint take turns on that thread (worker.http.fair: the stream never starves).
+        self.inference = FairInference(self.executor, settings.http_step_tokens)
         # Model loads (hot reload) get their own thread so they never queue behind inference.
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self.pending_classifier: Classifier | None = None
@@ -175,6 +179,12 @@ class StreamWorker(Delivery, ModelUpdates):
         async def watch_model_updates() -> None:
             await self._watch_model_updates()
 
+        if s.http_port:
+            @app.task
+            async def serve_http() -> None:
+                # Started once the app runs, cancelled when it stops (in-flight requests finish first).
+                await HttpService(s, self.labeler, self.inference).serve()
+
         return app
 
     async def start_checks(self) -> None:
@@ -222,8 +232,7 @@ class StreamWorker(Delivery, ModelUpdates):
         began = time.monotonic()
         indices = range(start, end)
         step = [decoded[i] for i in indices if i in decoded]
-        loop = asyncio.get_running_loop()
-        result: BatchResult = await loop.run_in_executor(self.executor, self.labeler.label, step)
+        result: BatchResult = await self.inference.run("stream", self.labeler.label, step)
         outputs = self._merge(events, indices, decoded, dead, result)
         await self._deliver(outputs)
         for i in indices:
@@ -362,9 +371,11 @@ class StreamWorker(Delivery, ModelUpdates):
         # From the events, not the model's arrays: an output can have become a dead letter after labelling.
         labeled = [o.event for o in outputs if isinstance(o.event, LabeledEvent)]
         end_to_end = np.array([o.latency_ms / 1000 for o in labeled], dtype=np.float64)
-        confidences = np.array([o.confidence for o in labeled], dtype=np.float64)
+        # The confidence histogram holds model scores only: an unsupported-language event has none (null).
+        scored = [o for o in labeled if o.confidence is not None]
+        confidences = np.array([o.confidence for o in scored], dtype=np.float64)
         metrics.observe_batch([o.event for o in outputs], confidences,
-                              [o.predicted_label for o in labeled], result.inference_seconds, end_to_end)
+                              [str(o.predicted_label) for o in scored], result.inference_seconds, end_to_end)
 
 
 def run(settings: WorkerSettings) -> int:

@@ -38,6 +38,15 @@ OUTPUTS_REJECTED = Counter("sentiment_outputs_rejected_total",
                            "Outputs the broker refused for that record alone, replaced by a minimal dead letter.")
 STEP_OVERRUNS = Counter("sentiment_step_overruns_total",
                         "Labelling steps that took longer than SENTIMENT_BATCH_DEADLINE_S (the rest is cut finer).")
+UNSUPPORTED_LANGUAGE = Counter(
+    "sentiment_unsupported_language_total", "Texts in a language the model does not support (declared or detected), "
+    "labelled UNCERTAIN without inference; lang is a detector code or 'other' (bounded).", ["lang"])
+HTTP_REQUESTS = Counter("sentiment_http_requests_total", "HTTP requests by route and status.", ["path", "status"])
+HTTP_SECONDS = Histogram("sentiment_http_request_seconds", "HTTP request latency (arrival to answer) by route.",
+                         ["path"], buckets=LATENCY_BUCKETS)
+INFERENCE_WAIT_SECONDS = Histogram(
+    "sentiment_inference_wait_seconds", "Wait for the shared inference thread per labelling turn, by lane "
+    "(stream: one step; http: one chunk of a request).", ["lane"], buckets=LATENCY_BUCKETS)
 
 
 def serve(port: int) -> None:

@@ -10,24 +10,27 @@ This is the one inference code path: the stream worker and ``sentiment predict``
 So an exception never loses records and never crashes the worker; it costs at most one batch re-run.
 
 Bounded work: ``token_cost`` is an upper bound, computed from the request before anything is tokenised,
-of the model tokens a record can cost (its document pass plus every aspect pass); ``plan_steps`` cuts a
-batch into contiguous steps within a token budget, and the worker labels, delivers and commits one step
-at a time. So no batch, however hostile its records, holds more than one step's work in memory.
+of the model tokens a record can cost (its document windows, up to the per-text ``text_token_budget``, plus
+every aspect pass); ``plan_steps`` cuts a batch into contiguous steps within a token budget, and the worker
+labels, delivers and commits one step at a time. So no batch, however hostile its records, holds more than one
+step's work in memory.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import structlog
 
+from runtime.chunking import DEFAULT_TEXT_TOKEN_BUDGET, window_count_bound
 from runtime.errors import SentimentError
 from runtime.inference import Classifier, Predictions
+from runtime.language import LanguageDecision, LanguageGate
 from runtime.numeric import decide_batch
 from runtime.settings import WorkerSettings
 from runtime.signing import load_public_key
@@ -69,8 +72,11 @@ class Labeler:
     def __init__(self, classifier: Classifier, limits: DecodeLimits, threshold: float | None = None,
                  echo_text: bool = False, retries: int = 1,
                  aspect_stage: Callable[[Sequence[Decoded]], list[list]] | None = None,
-                 fault_marker: str | None = None, slow_seconds: float = 0.0) -> None:
+                 fault_marker: str | None = None, slow_seconds: float = 0.0,
+                 text_token_budget: int = DEFAULT_TEXT_TOKEN_BUDGET, language: LanguageGate | None = None) -> None:
         self.classifier = classifier
+        self.language = language  # None: no language step (every text goes to the model)
+        self.text_token_budget = text_token_budget
         self.limits = limits
         self.threshold_override = threshold
         self.echo_text = echo_text
@@ -81,9 +87,12 @@ class Labeler:
         self.slow_seconds = slow_seconds
 
     def token_cost(self, item: Decoded) -> int:
-        """Most model tokens ``item`` can cost: the document pass (at most max_length tokens, and at most one
-        per character plus two specials) plus the aspect stage's own bound for the request."""
-        cost = min(self.classifier.max_length, len(item.request.text) + 2)
+        """Most model tokens ``item`` can cost: the document pass (its windows, at most ``window_count_bound``
+        of max_length tokens each, and at most one token per character plus two specials per window) plus the
+        aspect stage's own bound for the request."""
+        limit, chars = self.classifier.max_length, len(item.request.text)
+        windows = window_count_bound(chars, limit - 2, max(1, self.text_token_budget // limit))
+        cost = min(windows * limit, chars + 2 * windows)
         stage_cost = getattr(self.aspect_stage, "token_cost", None)
         if stage_cost is not None:
             cost += stage_cost(item.request.text, item.request.aspects)
@@ -97,7 +106,35 @@ class Labeler:
         return self.threshold_override if self.threshold_override is not None else classifier.manifest.threshold
 
     def label(self, batch: Sequence[Decoded]) -> BatchResult:
+        """Outputs in input order. With a language gate, first each request's language is decided (the declared
+        ``lang`` wins, else detection; ``runtime.language``) and set on its request; a text in a language the
+        model does not support is not sent to the model nor to ABSA: it gets UNCERTAIN / ``unsupported_language``
+        with null confidence (``_unsupported``). The rest is labelled by ``_label_model``, and only those rows are
+        in the result's arrays, so window stats and the confidence histogram hold model scores only."""
         classifier = self.classifier  # one model per batch, even if a reload lands meanwhile
+        if self.language is None or not batch:
+            return self._label_model(classifier, batch)
+        decisions = self.language.decide([item.request.text for item in batch], [item.request.lang for item in batch])
+        batch = [_with_lang(item, decision) for item, decision in zip(batch, decisions, strict=True)]
+        served = [item for item, decision in zip(batch, decisions, strict=True) if decision.supported]
+        result = self._label_model(classifier, served)
+        if len(served) < len(batch):
+            model_outputs = iter(result.outputs)
+            result.outputs = [next(model_outputs) if decision.supported else self._unsupported(classifier, item)
+                              for item, decision in zip(batch, decisions, strict=True)]
+        return result
+
+    def _unsupported(self, classifier: Classifier, item: Decoded) -> LabeledEvent:
+        metrics.UNSUPPORTED_LANGUAGE.labels(lang=LanguageGate.metric_label(item.request.lang or "")).inc()
+        labeled_at = datetime.now(UTC)
+        return LabeledEvent(
+            id=item.id, label=UNCERTAIN, predicted_label=None, confidence=None, probabilities={},
+            uncertain_reason="unsupported_language", threshold=self.threshold_for(classifier), aspects=[], windows=0,
+            text=item.request.text if self.echo_text else None, lang=item.request.lang, model=classifier.ref,
+            source=item.meta.source, received_at=item.received_at, labeled_at=labeled_at,
+            latency_ms=round(_latency_ms(item, labeled_at), 3), metadata=item.request.metadata)
+
+    def _label_model(self, classifier: Classifier, batch: Sequence[Decoded]) -> BatchResult:
         if not batch:
             return BatchResult(outputs=[])
         started = datetime.now(UTC)
@@ -118,7 +155,8 @@ class Labeler:
                 time.sleep(self.slow_seconds)
             else:
                 raise InjectedFault(f"fault marker {self.fault_marker!r} in batch")
-        predictions = classifier.predict([item.request.text for item in batch])
+        predictions = classifier.predict([item.request.text for item in batch],
+                                         text_token_budget=self.text_token_budget)
         aspects = self.aspect_stage(batch) if self.aspect_stage else [[] for _ in batch]
         return predictions, aspects
 
@@ -162,9 +200,11 @@ class Labeler:
                 predicted_label=predicted_label,
                 confidence=round(float(confidence[row]), 6),
                 probabilities={label: round(float(p), 6) for label, p in zip(labels, probs[row], strict=True)},
+                uncertain_reason="low_confidence" if uncertain[row] else None,
                 threshold=threshold,
                 aspects=aspects[row],
                 truncated=bool(predictions.truncated[row]),
+                windows=1 if predictions.windows is None else int(predictions.windows[row]),
                 text=item.request.text if self.echo_text else None,
                 lang=item.request.lang,
                 model=classifier.ref,
@@ -201,7 +241,9 @@ def build_labeler(settings: WorkerSettings, model_dir: Path | None = None, threa
                           max_key_bytes=settings.max_key_bytes, max_output_bytes=settings.max_output_bytes)
     return Labeler(classifier, limits, threshold=settings.threshold, echo_text=settings.echo_text,
                    retries=settings.inference_retries, fault_marker=settings.fault_marker,
-                   slow_seconds=settings.chaos_slow_ms / 1000, aspect_stage=build_aspect_stage(settings, threads))
+                   slow_seconds=settings.chaos_slow_ms / 1000, aspect_stage=build_aspect_stage(settings, threads),
+                   text_token_budget=settings.text_token_budget,
+                   language=LanguageGate(settings.supported_languages, detection=settings.language_detection))
 
 
 def plan_steps(costs: Sequence[int], budget: int) -> list[tuple[int, int]]:
@@ -234,6 +276,13 @@ def build_aspect_stage(settings: WorkerSettings, threads: int) -> Callable[[Sequ
         tagger_dir=present(settings.aspect_tagger_dir), embedder_dir=present(settings.aspect_embedder_dir),
         intra_op_threads=threads, detect=settings.absa_detect,
     )
+
+
+def _with_lang(item: Decoded, decision: LanguageDecision) -> Decoded:
+    """``item`` with its request's ``lang`` set to the decided language (a copy; the input stays as read)."""
+    if item.request.lang == decision.lang:
+        return item
+    return replace(item, request=item.request.model_copy(update={"lang": decision.lang}))
 
 
 def _latency_ms(item: Decoded, labeled_at: datetime) -> float:

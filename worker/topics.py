@@ -38,10 +38,14 @@ Route = Literal["labeled", "uncertain", "dead_letter"]
 
 def routes(outcome: LabeledEvent | DeadLetter) -> tuple[Route, ...]:
     """Where one outcome goes: a dead letter to the DLQ; a labelled event to the labelled topic, and an
-    UNCERTAIN one also to the review queue. The worker sends by it; ``sentiment predict`` counts by it."""
+    UNCERTAIN one also to the review queue, unless it is UNCERTAIN because of its language: a reviewer's label
+    for a text the model cannot read would become training data for the wrong language. The worker sends by
+    it; ``sentiment predict`` counts by it."""
     if isinstance(outcome, DeadLetter):
         return ("dead_letter",)
-    return ("labeled", "uncertain") if outcome.label == UNCERTAIN else ("labeled",)
+    if outcome.label != UNCERTAIN or outcome.uncertain_reason == "unsupported_language":
+        return ("labeled",)
+    return ("labeled", "uncertain")
 
 
 def topic_of(route: Route, settings: TopicSettings) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from runtime.chunking import DEFAULT_TEXT_TOKEN_BUDGET
 from runtime.paths import (
     DEFAULT_ABSA_DIR,
     DEFAULT_CATEGORIES,
@@ -14,7 +15,7 @@ from runtime.paths import (
     DEFAULT_MODEL_DIR,
     DEFAULT_TAGGER_DIR,
 )
-from runtime.settings.kafka import TopicSettings
+from runtime.settings.kafka import CommaList, TopicSettings, split_commas
 
 
 class WorkerSettings(TopicSettings):
@@ -38,12 +39,24 @@ class WorkerSettings(TopicSettings):
         "Ed25519 public key (PEM). When set, every package (at start and on each model update) must carry a "
         "manifest.sig that verifies with it; others are refused and the current model keeps serving."))
     threshold: float | None = Field(default=None, ge=0, le=1, description="Overrides the manifest's threshold.")
+    supported_languages: CommaList = Field(default_factory=lambda: ["en"], description=(
+        "Languages (ISO 639-1, comma-separated) the served model can label; a text in another one (declared, or "
+        "detected: runtime/language.py) is not sent to the model and gets UNCERTAIN / unsupported_language. The "
+        "first is the model's language, which too short or ambiguous texts count as. Model manifests have no "
+        "language field, hence a setting."))
+    language_detection: bool = Field(default=True, description=(
+        "Detect the language of texts whose producer declared none (py3langid); off: such texts count as the "
+        "model's language (a declared lang still wins)."))
     batch_size: int = Field(default=64, ge=1, le=4096)
     batch_max_wait_ms: int = Field(default=50, ge=1, le=60_000, description=(
         "How long a partial batch waits for more records. 0 is refused: faust then never closes a partial batch."))
     batch_token_budget: int = Field(default=32_768, ge=256, description=(
         "Most model tokens one labelling step may cost (document windows plus every aspect pass, counted per "
         "record before tokenising); a batch over it is labelled and committed in several steps."))
+    text_token_budget: int = Field(default=DEFAULT_TEXT_TOKEN_BUDGET, ge=1, le=65_536, description=(
+        "Most model tokens the document pass may read of one text: a text over the model's max_length is read as "
+        "windows of whole sentences (budget // max_length of them, at least one) and labelled from all of them; "
+        "what is left unread sets the event's truncated flag. Part of each record's batch_token_budget cost."))
     batch_deadline_s: float = Field(default=30.0, gt=0, description=(
         "The longest one labelling step may take; the group's rebalance timeout is set above it so a member "
         "finishing a step is never dropped while it still produces."))
@@ -67,6 +80,23 @@ class WorkerSettings(TopicSettings):
     partitions: int = Field(default=3, ge=1)
     replication_factor: int = Field(default=1, ge=1)
     metrics_port: int = Field(default=9108, ge=0, le=65535, description="0 disables the Prometheus endpoint.")
+    http_port: int = Field(default=8080, ge=0, le=65535, description=(
+        "Port of the worker's HTTP endpoint (POST /v1/predict, /healthz, /readyz, /openapi.json); 0 disables it. "
+        "A port already in use is logged (http_bind_failed) and the stream keeps running without it."))
+    http_host: str = Field(default="0.0.0.0", description="Address the HTTP endpoint listens on.")
+    http_max_items: int = Field(default=100, ge=1, le=4096, description="Most texts one HTTP request may carry (413).")
+    http_max_text_chars: int = Field(default=5000, ge=1, description=(
+        "Longest text an HTTP item may carry (422 text_too_long); the stream's own limit is max_text_chars."))
+    http_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest HTTP body (413).")
+    http_rate_limit_per_s: float = Field(default=50.0, gt=0, description=(
+        "Per client (remote address): texts per second refilled into its token bucket; one token per item."))
+    http_rate_limit_burst: int = Field(default=200, ge=1, description=(
+        "Per client: the token bucket's size; at least http_max_items, so a full request can always pass."))
+    http_deadline_ms: int = Field(default=5000, ge=1, description=(
+        "An HTTP request not answered within this gets 503 deadline_exceeded; its queued work is dropped."))
+    http_step_tokens: int = Field(default=2048, ge=64, description=(
+        "Most model tokens (counted as for batch_token_budget) one HTTP turn on the shared inference thread may "
+        "cost; the stream never waits for more than one such turn between two of its steps."))
     stats_window_count: int = Field(default=500, ge=1)
     stats_window_seconds: float = Field(default=60.0, gt=0)
     worker_id: str | None = None
@@ -82,6 +112,8 @@ class WorkerSettings(TopicSettings):
     max_poll_interval_s: float = Field(default=300.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    _split_supported_languages = field_validator("supported_languages", mode="before")(split_commas)
+
     @model_validator(mode="after")
     def _fault_marker_needs_chaos_testing(self) -> WorkerSettings:
         # Whoever sets the environment could otherwise dead-letter chosen records with a marker string.
@@ -94,6 +126,13 @@ class WorkerSettings(TopicSettings):
         # A dead letter carries its key; JSON escapes a control character into six bytes.
         if self.max_key_bytes * 8 > self.max_output_bytes:
             raise ValueError("SENTIMENT_MAX_KEY_BYTES must be at most SENTIMENT_MAX_OUTPUT_BYTES / 8")
+        return self
+
+    @model_validator(mode="after")
+    def _a_full_http_request_fits_the_bucket(self) -> WorkerSettings:
+        # One token per item: a smaller bucket would refuse a request of http_max_items forever.
+        if self.http_rate_limit_burst < self.http_max_items:
+            raise ValueError("SENTIMENT_HTTP_RATE_LIMIT_BURST must be at least SENTIMENT_HTTP_MAX_ITEMS")
         return self
 
     @property
