@@ -38,8 +38,10 @@ ErrorCode = Literal[
     "output_too_large",
     "output_rejected",
     "key_too_large",
+    "model_set_unavailable",
     "internal_error",
 ]
+ModelSet = Literal["binary", "3class"]
 
 # Request bounds: an output event echoes the request's id, aspects and metadata, so these keep every
 # output under the broker's record size limit and every batch's ABSA work bounded.
@@ -111,6 +113,10 @@ class SentimentRequest(BaseModel):
         f"Passed through to the output untouched; nested at most {MAX_METADATA_DEPTH} levels, at most "
         f"{MAX_METADATA_ITEMS} keys and list items in all."))
     ts: datetime | None = None
+    model_set: ModelSet | None = Field(default=None, description=(
+        "Which document model labels the text: binary (NEGATIVE/POSITIVE) or 3class (NEGATIVE/NEUTRAL/POSITIVE; "
+        "the only one that can say NEUTRAL). null: the worker's default model. A set the worker has not loaded "
+        "(SENTIMENT_EXTRA_MODEL_DIR) is dead-lettered as model_set_unavailable, never served by the other."))
 
     @field_validator("text", mode="before")
     @classmethod

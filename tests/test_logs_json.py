@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.kafka_helpers import REPO, WorkerProcess, produce_raw, read_all
-from tests.test_training import generated, tiny_encoder  # noqa: F401 - the fixture is used by name
+from tests.test_training import generated
 
 COMMON_KEYS = {"event", "level", "logger", "timestamp"}
 
@@ -51,7 +51,7 @@ def wait_for(path: Path, event: str, timeout: float) -> None:
 
 
 @pytest.mark.kafka
-async def test_worker_training_and_monitor_write_only_json_lines(topics, tiny_model, tiny_encoder,  # noqa: F811
+async def test_worker_training_and_monitor_write_only_json_lines(topics, tiny_model, tiny_encoder,
                                                                  tmp_path):
     env = {**topics.env(), "SENTIMENT_MODEL_DIR": str(tiny_model), "SENTIMENT_STATS_WINDOW_COUNT": "5"}
     # The worker: good records, a record that is not JSON and one without text (two dead letters).

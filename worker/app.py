@@ -110,6 +110,7 @@ class StreamWorker(Delivery, ModelUpdates):
         # Model loads (hot reload) get their own thread so they never queue behind inference.
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self.pending_classifier: Classifier | None = None
+        self.pending_extra: Classifier | None = None  # the extra model set's next version (SENTIMENT_EXTRA_MODEL_DIR)
         self.verify_key = load_public_key(settings.verify_key) if settings.verify_key else None
         self.window = WindowAccumulator.for_manifest(
             classifier.manifest, classifier.ref, worker_id=self.worker_id,
@@ -327,7 +328,14 @@ class StreamWorker(Delivery, ModelUpdates):
     # ------------------------------------------------------------------------------------ hot reload
 
     async def _swap_model_if_pending(self) -> None:
-        """Called at the start of a batch, so a batch is labelled by exactly one model version."""
+        """Called at the start of a batch, so a batch is labelled by exactly one model version per set. The extra
+        set's model is swapped alone: window stats and the model gauge are the default model's."""
+        if (extra := self.pending_extra) is not None:
+            self.pending_extra, old_extra = None, self.labeler.extra_classifier
+            self.labeler.extra_classifier = extra
+            metrics.MODEL_RELOADS.labels(result="swapped").inc()
+            log.info("model_swapped", name=extra.ref.name, old_version=old_extra.ref.version if old_extra else None,
+                     new_version=extra.ref.version)
         new = self.pending_classifier
         if new is None:
             return
@@ -344,8 +352,8 @@ class StreamWorker(Delivery, ModelUpdates):
     async def _watch_model_updates(self) -> None:
         """Follows the model-updates topic from its end (no group: every worker sees every update).
 
-        Order: position the consumer at the end, then re-read the configured package (a registry's
-        CURRENT may have moved between our start-up load and that position: an update published in that
+        Order: position the consumer at the end, then re-read the configured package and the extra set's (a
+        registry's CURRENT may have moved between our start-up load and that position: an update published in that
         gap is not on the topic's unread end), then follow the topic. A broker error restarts the watch
         after a pause; it must never take the labelling agent down with it.
         """
@@ -359,6 +367,9 @@ class StreamWorker(Delivery, ModelUpdates):
             try:
                 await consumer.start()
                 await self._load_if_changed(s.model_dir, self._configured_sha256(), version="configured")
+                if s.extra_model_dir is not None:
+                    await self._load_if_changed(s.extra_model_dir, self._configured_sha256(extra=True),
+                                                version="configured", extra=True)
                 async for message in consumer:
                     await self._on_model_update(message.value)
             except (KafkaError, OSError) as exc:
@@ -372,7 +383,10 @@ class StreamWorker(Delivery, ModelUpdates):
         labeled = [o.event for o in outputs if isinstance(o.event, LabeledEvent)]
         end_to_end = np.array([o.latency_ms / 1000 for o in labeled], dtype=np.float64)
         # The confidence histogram holds model scores only: an unsupported-language event has none (null).
-        scored = [o for o in labeled if o.confidence is not None]
+        # And the default model's only, like the window stats: the extra set (SENTIMENT_EXTRA_MODEL_DIR) is another
+        # model with other labels; its events are counted in sentiment_messages_total only.
+        served = self.labeler.classifier.ref.name
+        scored = [o for o in labeled if o.confidence is not None and o.model.name == served]
         confidences = np.array([o.confidence for o in scored], dtype=np.float64)
         metrics.observe_batch([o.event for o in outputs], confidences,
                               [str(o.predicted_label) for o in scored], result.inference_seconds, end_to_end)

@@ -9,6 +9,11 @@ This is the one inference code path: the stream worker and ``sentiment predict``
 
 So an exception never loses records and never crashes the worker; it costs at most one batch re-run.
 
+Model sets: a Labeler serves its default document model and, optionally, a second one (``extra_classifier``,
+``SENTIMENT_EXTRA_MODEL_DIR``); a package serves the set its labels name (``model_set_of``: binary =
+NEGATIVE/POSITIVE, 3class = NEGATIVE/NEUTRAL/POSITIVE). A request picks one with ``model_set`` (null: the default);
+one naming a set that is not loaded is dead-lettered as ``model_set_unavailable``, never served by the other.
+
 Bounded work: ``token_cost`` is an upper bound, computed from the request before anything is tokenised,
 of the model tokens a record can cost (its document windows, up to the per-text ``text_token_budget``, plus
 every aspect pass); ``plan_steps`` cuts a batch into contiguous steps within a token budget, and the worker
@@ -28,19 +33,29 @@ import numpy as np
 import structlog
 
 from runtime.chunking import DEFAULT_TEXT_TOKEN_BUDGET, window_count_bound
-from runtime.errors import SentimentError
+from runtime.errors import SentimentError, UserError
 from runtime.inference import Classifier, Predictions
 from runtime.language import LanguageDecision, LanguageGate
 from runtime.numeric import decide_batch
 from runtime.settings import WorkerSettings
 from runtime.signing import load_public_key
 from schemas import UNCERTAIN, DeadLetter, LabeledEvent
+from schemas.events import ModelSet
 from worker import metrics
 from worker.decode import Decoded, DecodeLimits, dead_letter
 
 log = structlog.get_logger(__name__)
 
 Outcome = LabeledEvent | DeadLetter
+# The label sets a model set is made of (in any order); any other package serves no named set.
+MODEL_SETS: dict[ModelSet, frozenset[str]] = {"binary": frozenset({"NEGATIVE", "POSITIVE"}),
+                                              "3class": frozenset({"NEGATIVE", "NEUTRAL", "POSITIVE"})}
+
+
+def model_set_of(classifier: Classifier) -> ModelSet | None:
+    """The set a document model serves, from its labels; None for a package with other labels."""
+    labels = frozenset(classifier.labels)
+    return next((name for name, members in MODEL_SETS.items() if members == labels), None)
 
 
 class InjectedFault(SentimentError, RuntimeError):
@@ -49,7 +64,9 @@ class InjectedFault(SentimentError, RuntimeError):
 
 @dataclass
 class BatchResult:
-    """Outputs in input order, plus what the metrics and window stats need, computed once per batch."""
+    """Outputs in input order, plus what the metrics and window stats need, computed once per batch. The arrays
+    hold the rows the default model scored, only: window stats are per model (``WindowAccumulator``), so rows
+    of the extra set (other labels) stay out of them."""
 
     outputs: list[Outcome]
     confidences: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
@@ -65,16 +82,18 @@ class BatchResult:
 class Labeler:
     """Turns decoded requests into labelled events with the current model.
 
-    ``classifier`` may be swapped between batches (hot reload): ``label`` reads it once per batch, so a
-    batch is labelled entirely by one model version.
+    ``classifier`` (the default set) and ``extra_classifier`` (the other set, or None) may be swapped between
+    batches (hot reload): ``label`` reads each once per batch, so a batch is labelled by one version per set.
     """
 
     def __init__(self, classifier: Classifier, limits: DecodeLimits, threshold: float | None = None,
                  echo_text: bool = False, retries: int = 1,
                  aspect_stage: Callable[[Sequence[Decoded]], list[list]] | None = None,
                  fault_marker: str | None = None, slow_seconds: float = 0.0,
-                 text_token_budget: int = DEFAULT_TEXT_TOKEN_BUDGET, language: LanguageGate | None = None) -> None:
+                 text_token_budget: int = DEFAULT_TEXT_TOKEN_BUDGET, language: LanguageGate | None = None,
+                 extra_classifier: Classifier | None = None) -> None:
         self.classifier = classifier
+        self.extra_classifier = extra_classifier
         self.language = language  # None: no language step (every text goes to the model)
         self.text_token_budget = text_token_budget
         self.limits = limits
@@ -90,7 +109,9 @@ class Labeler:
         """Most model tokens ``item`` can cost: the document pass (its windows, at most ``window_count_bound``
         of max_length tokens each, and at most one token per character plus two specials per window) plus the
         aspect stage's own bound for the request."""
-        limit, chars = self.classifier.max_length, len(item.request.text)
+        # The requested set's model (the default for a set not loaded: that record costs nothing, it is refused).
+        classifier = self._pick(item, self.classifier, self.extra_classifier) or self.classifier
+        limit, chars = classifier.max_length, len(item.request.text)
         windows = window_count_bound(chars, limit - 2, max(1, self.text_token_budget // limit))
         cost = min(windows * limit, chars + 2 * windows)
         stage_cost = getattr(self.aspect_stage, "token_cost", None)
@@ -103,26 +124,66 @@ class Labeler:
         return self.threshold_for(self.classifier)
 
     def threshold_for(self, classifier: Classifier) -> float:
-        return self.threshold_override if self.threshold_override is not None else classifier.manifest.threshold
+        """The override (``SENTIMENT_THRESHOLD``) applies to the default set's model only; the extra set keeps
+        its own manifest's threshold (its calibration is its own)."""
+        if self.threshold_override is not None and classifier is not self.extra_classifier:
+            return self.threshold_override
+        return classifier.manifest.threshold
+
+    @staticmethod
+    def _pick(item: Decoded, default: Classifier, extra: Classifier | None) -> Classifier | None:
+        """The model ``item`` asked for: the default without model_set, else the loaded one serving that set."""
+        wanted = item.request.model_set
+        if wanted is None:
+            return default
+        return next((c for c in (default, extra) if c is not None and model_set_of(c) == wanted), None)
 
     def label(self, batch: Sequence[Decoded]) -> BatchResult:
-        """Outputs in input order. With a language gate, first each request's language is decided (the declared
-        ``lang`` wins, else detection; ``runtime.language``) and set on its request; a text in a language the
-        model does not support is not sent to the model nor to ABSA: it gets UNCERTAIN / ``unsupported_language``
-        with null confidence (``_unsupported``). The rest is labelled by ``_label_model``, and only those rows are
-        in the result's arrays, so window stats and the confidence histogram hold model scores only."""
-        classifier = self.classifier  # one model per batch, even if a reload lands meanwhile
-        if self.language is None or not batch:
-            return self._label_model(classifier, batch)
-        decisions = self.language.decide([item.request.text for item in batch], [item.request.lang for item in batch])
-        batch = [_with_lang(item, decision) for item, decision in zip(batch, decisions, strict=True)]
-        served = [item for item, decision in zip(batch, decisions, strict=True) if decision.supported]
-        result = self._label_model(classifier, served)
-        if len(served) < len(batch):
-            model_outputs = iter(result.outputs)
-            result.outputs = [next(model_outputs) if decision.supported else self._unsupported(classifier, item)
-                              for item, decision in zip(batch, decisions, strict=True)]
+        """Outputs in input order. Steps:
+
+          1. each request's model is picked by its ``model_set`` (``_pick``); one asking for a set that is not
+             loaded becomes a DeadLetter ``model_set_unavailable`` naming the loaded sets;
+          2. with a language gate, each remaining request's language is decided (the declared ``lang`` wins, else
+             detection; ``runtime.language``) and set on its request; a text in a language the model does not
+             support is not sent to the model nor to ABSA: it gets UNCERTAIN / ``unsupported_language`` with null
+             confidence (``_unsupported``, with its model's ref);
+          3. the rest is labelled by ``_label_model``, one call per model (default first), and merged back.
+
+        Only the default model's scored rows are in the result's arrays, so window stats and the confidence
+        histogram hold that model's scores only. A batch of default requests runs exactly as without sets."""
+        default, extra = self.classifier, self.extra_classifier  # one model per set per batch, even mid-reload
+        picked = [self._pick(item, default, extra) for item in batch]
+        outputs: list[Outcome | None] = [None if c is not None else self._unavailable(item, default, extra)
+                                         for item, c in zip(batch, picked, strict=True)]
+        batch = list(batch)
+        if self.language is not None:
+            open_rows = [i for i, out in enumerate(outputs) if out is None]
+            decisions = self.language.decide([batch[i].request.text for i in open_rows],
+                                              [batch[i].request.lang for i in open_rows])
+            for i, decision in zip(open_rows, decisions, strict=True):
+                batch[i] = _with_lang(batch[i], decision)
+                if not decision.supported:
+                    outputs[i] = self._unsupported(picked[i], batch[i])
+        rows = {id(c): [i for i, out in enumerate(outputs) if out is None and picked[i] is c]
+                for c in (default, extra) if c is not None}
+        result = self._label_model(default, [batch[i] for i in rows[id(default)]])
+        parts = [(rows[id(default)], result)]
+        if extra is not None and rows[id(extra)]:
+            part = self._label_model(extra, [batch[i] for i in rows[id(extra)]])
+            result.inference_seconds += part.inference_seconds
+            result.retried, result.isolated = result.retried or part.retried, result.isolated or part.isolated
+            parts.append((rows[id(extra)], part))
+        for indices, part in parts:
+            for i, out in zip(indices, part.outputs, strict=True):
+                outputs[i] = out
+        result.outputs = [out for out in outputs if out is not None]
         return result
+
+    def _unavailable(self, item: Decoded, default: Classifier, extra: Classifier | None) -> DeadLetter:
+        loaded = sorted(name for c in (default, extra) if c is not None and (name := model_set_of(c)) is not None)
+        return dead_letter(item.meta, "model_set_unavailable", f"model_set {item.request.model_set!r} is not loaded "
+                           f"by this worker; loaded: {loaded} (SENTIMENT_EXTRA_MODEL_DIR loads a second set)", None,
+                           self.limits, item.id)
 
     def _unsupported(self, classifier: Classifier, item: Decoded) -> LabeledEvent:
         metrics.UNSUPPORTED_LANGUAGE.labels(lang=LanguageGate.metric_label(item.request.lang or "")).inc()
@@ -237,13 +298,30 @@ def build_labeler(settings: WorkerSettings, model_dir: Path | None = None, threa
     threads = threads or settings.intra_op_threads
     public_key = load_public_key(settings.verify_key) if settings.verify_key else None
     classifier = Classifier.load(model_dir or settings.model_dir, intra_op_threads=threads, public_key=public_key)
+    extra = None
+    if settings.extra_model_dir is not None:
+        extra = Classifier.load(settings.extra_model_dir, intra_op_threads=threads, public_key=public_key)
+        check_model_sets(classifier, extra)
     limits = DecodeLimits(settings.max_text_chars, settings.max_message_bytes, settings.dlq_raw_bytes,
                           max_key_bytes=settings.max_key_bytes, max_output_bytes=settings.max_output_bytes)
     return Labeler(classifier, limits, threshold=settings.threshold, echo_text=settings.echo_text,
                    retries=settings.inference_retries, fault_marker=settings.fault_marker,
                    slow_seconds=settings.chaos_slow_ms / 1000, aspect_stage=build_aspect_stage(settings, threads),
                    text_token_budget=settings.text_token_budget,
-                   language=LanguageGate(settings.supported_languages, detection=settings.language_detection))
+                   language=LanguageGate(settings.supported_languages, detection=settings.language_detection),
+                   extra_classifier=extra)
+
+
+def check_model_sets(default: Classifier, extra: Classifier) -> None:
+    """The extra package must serve a named set other than the default's, under another package name (model
+    updates are routed by package name)."""
+    extra_set, default_set = model_set_of(extra), model_set_of(default)
+    if extra_set is None:
+        raise UserError(f"SENTIMENT_EXTRA_MODEL_DIR: {extra.ref.name} has labels {extra.labels}; a model set is "
+                        f"{ {name: sorted(labels) for name, labels in MODEL_SETS.items()} }")
+    if extra_set == default_set or extra.ref.name == default.ref.name:
+        raise UserError(f"SENTIMENT_EXTRA_MODEL_DIR: {extra.ref.name} serves {extra_set!r}, as the default model "
+                        f"{default.ref.name} does; it must be the other set, under another package name")
 
 
 def plan_steps(costs: Sequence[int], budget: int) -> list[tuple[int, int]]:

@@ -25,6 +25,11 @@ class WorkerSettings(TopicSettings):
         "faust's data directory. The worker keeps no tables (memory store), but faust still creates one; "
         "default: <system temp dir>/sentiment-worker/<app_id>, so nothing lands in the working directory."))
     model_dir: Path = DEFAULT_MODEL_DIR
+    extra_model_dir: Path | None = Field(default=None, description=(
+        "A second document model package loaded beside model_dir, so a request can pick it by model_set: a "
+        "NEGATIVE/POSITIVE package serves model_set binary, a NEGATIVE/NEUTRAL/POSITIVE one 3class (e.g. "
+        "models/sentiment-en-3class: NEUTRAL needs it). It must serve the other set than model_dir and is labelled "
+        "with its own manifest threshold (threshold overrides model_dir's only). Unset: one model, no extra memory."))
     absa_enabled: bool = Field(default=True, description="Per-aspect sentiment in every event.")
     absa_model_dir: Path = DEFAULT_ABSA_DIR
     absa_detect: Literal["auto", "always", "never"] = Field(
@@ -143,8 +148,13 @@ class WorkerSettings(TopicSettings):
 
     @property
     def allowed_model_root(self) -> Path:
+        return self.allowed_root_for(self.model_dir)
+
+    def allowed_root_for(self, model_dir: Path) -> Path:
+        """Where updates of the package configured at ``model_dir`` may be loaded from (model_dir, or
+        extra_model_dir for the second model set)."""
         if self.registry_dir is not None:
             return self.registry_dir.resolve()
-        configured = self.model_dir.resolve()
+        configured = model_dir.resolve()
         # A registry model dir (<root>/<name> with CURRENT) is itself the root of its versions.
         return configured if (configured / "CURRENT").exists() else configured.parent
