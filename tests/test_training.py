@@ -281,3 +281,11 @@ def test_registry_versions_and_current(tmp_path: Path) -> None:
     assert resolve_package_dir(tmp_path / "reg" / "tiny").name == "20260102-000000"
     with pytest.raises(FileExistsError):
         publish_to_registry(build_tiny_package(tmp_path / "s3"), tmp_path / "reg", "tiny", "20260102-000000")
+
+
+def test_a_variant_with_fixed_activation_scales_is_named_so_in_the_manifest() -> None:
+    """The batch-independence test and the README read ``quantization``; a ``+static`` export is not dynamic."""
+    from training.pipeline import quantization_name
+
+    assert quantization_name("smooth-qint8-fp32-top2+static") == "int8-static-activations (smooth-qint8-fp32-top2)"
+    assert quantization_name("qint8") == "int8-dynamic (qint8)"

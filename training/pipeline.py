@@ -22,9 +22,10 @@ from schemas import MetricRecord, ModelManifest
 from training.calibrate import confidence_reference, ece, fit_temperature
 from training.data import LabeledTexts, limit
 from training.evaluate import evaluate, score_package, write_report
-from training.export import ParityGate, export_int8
+from training.export import STATIC, ParityGate, export_int8
 from training.model import SentimentModel, load_model
 from training.registry import assemble_package, new_version, publish_to_dir, publish_to_registry
+from training.static_scales import STATIC_NAME
 from training.train import TrainConfig, encode, load_tokenizer, predict_logits, train
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,13 @@ class PackageOptions:
     out_dir: Path | None = None  # plain package directory (replaced)
     registry: Path | None = None  # <registry>/<name>/<version>/ + CURRENT
     calibration_texts: list[str] | None = None  # activation ranges (SmoothQuant, static scales); default: train
+
+
+def quantization_name(variant: str) -> str:
+    """The manifest's ``quantization``: a ``+static`` variant has fixed activation scales (batch-independent)."""
+    if variant.endswith(STATIC):
+        return f"{STATIC_NAME} ({variant.removesuffix(STATIC)})"
+    return f"int8-dynamic ({variant})"
 
 
 def package_model(model: SentimentModel, tokenizer_json: Path, train_data: LabeledTexts, dev_data: LabeledTexts,
@@ -114,7 +122,7 @@ def package_model(model: SentimentModel, tokenizer_json: Path, train_data: Label
     manifest = base.model_copy(update={
         "threshold": threshold, "threshold_rule": ev.threshold["rule"], "metrics": metrics,
         "reference": confidence_reference(served, gold, labels, threshold, dev_data.texts),
-        "quantization": f"int8-dynamic ({chosen.name})",
+        "quantization": quantization_name(chosen.name),
     })
     extra = {"export": result.summary(),
              "calibration": {"method": "temperature scaling on dev NLL (INT8 logits)", "temperature": temperature,
