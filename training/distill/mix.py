@@ -184,6 +184,27 @@ def _capped_split(data: LabeledTexts, n_dev: int, seed: int) -> tuple[LabeledTex
     return stratified_split(data, dev_fraction=min(n_dev, len(data)) / max(1, len(data)), seed=seed)
 
 
+class LeakageGuard:
+    """Admits a training text once, and never one whose normalised form is a dev text; counts what it refuses
+    (``removed``: ``"<source>:in_dev"`` / ``"<source>:duplicate"``)."""
+
+    def __init__(self, dev_keys: set[str]) -> None:
+        self.dev_keys = dev_keys
+        self.seen: set[str] = set()
+        self.removed: Counter = Counter()
+
+    def admit(self, text: str, source: str) -> bool:
+        k = _key(text)
+        if k in self.dev_keys:
+            self.removed[f"{source}:in_dev"] += 1
+            return False
+        if k in self.seen:
+            self.removed[f"{source}:duplicate"] += 1
+            return False
+        self.seen.add(k)
+        return True
+
+
 def build_mix(config: MixConfig | None = None) -> Mix:
     """Reads every source, cuts the dev sets, subsamples the training rows; deterministic for ``config.seed``."""
     cfg = config or MixConfig()
@@ -249,19 +270,9 @@ def build_mix(config: MixConfig | None = None) -> Mix:
 
     # --- leakage guard and de-duplication ----------------------------------------------------------------
     dev_keys = {_key(e.text) for rows in dev.values() for e in rows}
-    seen: set[str] = set()
-    kept: list[Example] = []
-    removed = Counter()
-    for e in train:
-        k = _key(e.text)
-        if k in dev_keys:
-            removed[f"{e.domain}:in_dev"] += 1
-        elif k in seen:
-            removed[f"{e.domain}:duplicate"] += 1
-        else:
-            seen.add(k)
-            kept.append(e)
-    notes["removed_from_train"] = dict(removed)
+    guard = LeakageGuard(dev_keys)
+    kept = [e for e in train if guard.admit(e.text, e.domain)]
+    notes["removed_from_train"] = dict(guard.removed)
     return Mix(kept, dev, dict(sorted(sources.items())), cfg, notes)
 
 

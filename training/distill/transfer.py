@@ -29,6 +29,7 @@ from pathlib import Path
 from training.data import BINARY, THREE, load, normalize
 from training.distill.mix import (
     BLITZER_DOMAINS,
+    LeakageGuard,
     Mix,
     _capped_split,
     _key,
@@ -109,21 +110,11 @@ def build_transfer(mix: Mix, config: TransferConfig | None = None) -> tuple[list
     cfg = config or TransferConfig()
     root = Path(mix.config.data_root)
     seed = cfg.seed
-    dev_keys = {_key(e.text) for rows in mix.dev.values() for e in rows}
-    seen: set[str] = set()
+    guard = LeakageGuard({_key(e.text) for rows in mix.dev.values() for e in rows})
     rows: list[TransferRow] = []
-    dropped: Counter = Counter()
 
     def add(text: str, source: str, space: str | None = None, label: int | None = None) -> None:
-        k = _key(text)
-        if not k:
-            return
-        if k in dev_keys:
-            dropped[f"{source}:in_dev"] += 1
-        elif k in seen:
-            dropped[f"{source}:duplicate"] += 1
-        else:
-            seen.add(k)
+        if _key(text) and guard.admit(text, source):
             rows.append(TransferRow(text, source, space, label))
 
     for e in mix.train:
@@ -148,15 +139,15 @@ def build_transfer(mix: Mix, config: TransferConfig | None = None) -> tuple[list
 
     pool = normalize(load(root / "semeval2017_task4a/train_pool_minus_tweeteval_val.tsv", THREE, fmt="semeval"),
                      "tweets")
-    tweets = [(t, y) for t, y in zip(pool.texts, pool.labels, strict=True) if _key(t) not in seen]
+    tweets = [(t, y) for t, y in zip(pool.texts, pool.labels, strict=True) if _key(t) not in guard.seen]
     for t, y in _subsample(tweets, cfg.extra_tweets, seed):
         add(t, "tweets", "3class", y)
 
     absa = [s for rel in ("semeval2014_absa/Restaurants_Train_v2.xml", "semeval2014_absa/Laptop_Train_v2.xml")
-            for s in _absa_sentences(root / rel) if len(s.split()) >= 3 and _key(s) not in seen]
+            for s in _absa_sentences(root / rel) if len(s.split()) >= 3 and _key(s) not in guard.seen]
     for s in _subsample(absa, cfg.absa_sentences, seed):
         add(s, "absa_sentences")
 
     summary = {"config": asdict(cfg), "rows": len(rows), "gold_rows": sum(r.label is not None for r in rows),
-               "per_source": dict(sorted(Counter(r.source for r in rows).items())), "dropped": dict(dropped)}
+               "per_source": dict(sorted(Counter(r.source for r in rows).items())), "dropped": dict(guard.removed)}
     return rows, summary
