@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_FORMAT_VERSION = 1
 
-Task = Literal["sequence-classification", "pair-classification", "token-classification", "sentence-embedding"]
+Task = Literal["sequence-classification", "pair-classification", "token-classification", "sentence-embedding",
+               "one-pass"]
 
 
 class MetricRecord(BaseModel):

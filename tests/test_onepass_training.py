@@ -1,0 +1,110 @@
+"""The one-pass model's training side (issue 14): gold per head, the joint loss, and the two-graph export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import AutoModel
+
+from training.absa.data import AbsaSentence, AspectTerm
+from training.onepass.data import Row, absa_row
+from training.onepass.export import export_package
+from training.onepass.model import OnePassModel
+from training.onepass.package import agreement
+from training.onepass.train import batch_loss, span_token_mask, targets, tokenizer_for
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_encoder: Path) -> OnePassModel:
+    torch.manual_seed(0)
+    return OnePassModel(AutoModel.from_pretrained(str(tiny_encoder), add_pooling_layer=False))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_encoder: Path):
+    return tokenizer_for(str(tiny_encoder), 64)
+
+
+def test_a_sentence_row_keeps_served_polarities_and_drops_conflict():
+    from collections import Counter
+
+    dropped: Counter = Counter()
+    sentence = AbsaSentence("The pasta was great but the waiter was rude.",
+                            [AspectTerm("pasta", "positive", 4, 9), AspectTerm("waiter", "negative", 28, 34),
+                             AspectTerm("great", "conflict", 14, 19)], [("food", "positive")])
+    row = absa_row(sentence, "restaurants", True, ("ambience", "food", "service"), dropped)
+    assert row.tag_spans == [(4, 9), (14, 19), (28, 34)]  # extraction keeps the conflict term
+    assert row.terms == [((4, 9), 2), ((28, 34), 0)]
+    assert row.queries == [("pasta", 2), ("waiter", 0), ("food", 2)]
+    assert dropped == {"restaurants:term:conflict": 1}
+
+
+def test_presence_gold_is_absent_only_where_the_source_says_so(tokenizer):
+    a = Row("The pasta was great.", "restaurants", tagged=True, tag_spans=[(4, 9)], terms=[((4, 9), 2)],
+            queries=[("pasta", 2), ("food", 2)], category_set=("food", "service"))
+    b = Row("Battery life is short, and the pasta maker broke.", "laptops", tagged=True,
+            tag_spans=[(0, 12)], terms=[((0, 12), 0)], queries=[("Battery life", 0)])
+    c = Row("A dull film.", "sst2", doc_label=0)
+    encodings = tokenizer.encode_batch([a.text, b.text, c.text])
+    gold = targets([a, b, c], encodings, max(len(e.ids) for e in encodings))
+    q = {name: k for k, name in enumerate(gold.queries)}
+    assert gold.presence[0, q["pasta"]] == 1 and gold.polarity[0, q["pasta"]] == 2
+    assert gold.presence[0, q["service"]] == 0  # the source annotates every category: unlisted = absent
+    assert gold.presence[0, q["Battery life"]] == 0  # another text's term, not in this text
+    assert gold.presence[1, q["pasta"]] == -1  # "pasta" occurs in b: unknown, not absent
+    assert gold.presence[1, q["food"]] == -1  # b's source has no categories: unknown
+    assert gold.presence[2, q["service"]] == -1 and gold.presence[2, q["Battery life"]] == 0
+    assert gold.doc.tolist() == [-1, -1, 0]
+    assert gold.span_mask[0, 0].sum() >= 1 and gold.span_labels[2].tolist() == [-100]
+
+
+def test_a_span_mask_covers_exactly_the_span_tokens_after_an_emoji(tokenizer):
+    text = "😀 Battery life is short."
+    encoding = tokenizer.encode(text)
+    mask = span_token_mask(encoding, (2, 14))
+    covered = [encoding.offsets[t] for t, m in enumerate(mask) if m]
+    assert covered and covered[0][0] == 2 and covered[-1][1] == 14
+
+
+def test_the_joint_loss_is_finite_and_uses_only_the_heads_with_gold(tiny_model, tokenizer):
+    absa = Row("The pasta was great.", "restaurants", tagged=True, tag_spans=[(4, 9)], terms=[((4, 9), 2)],
+               queries=[("pasta", 2), ("food", 2)], category_set=("food", "service"))
+    doc = Row("A dull film.", "sst2", doc_label=0)
+    loss, parts = batch_loss(tiny_model, tokenizer, [absa, doc])
+    assert torch.isfinite(loss) and set(parts) == {"doc", "tag", "span", "query", "presence"}
+    loss, parts = batch_loss(tiny_model, tokenizer, [doc])
+    assert torch.isfinite(loss) and set(parts) == {"doc"}
+    loss.backward()  # a document-only batch still trains the document head
+
+
+def test_the_export_writes_two_graphs_whose_scores_do_not_depend_on_the_batch(tiny_model, tiny_encoder, tmp_path):
+    texts = ["the soup was cold", "great screen, awful battery life and a keyboard that sticks", "fine", "meh"]
+    out = export_package(tiny_model, tiny_encoder / "tokenizer.json", tmp_path / "pkg",
+                         calibration_texts=texts * 8, max_length=64, work_dir=tmp_path / "work")
+    assert {"model.onnx", "heads.onnx", "aspects.json", "tokenizer.json", "manifest.json"} <= {
+        p.name for p in out.iterdir()}
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert {o.name for o in session.get_outputs()} == {"doc_logits", "tag_logits", "hidden", "pooled"}
+    tok = tokenizer_for(str(tiny_encoder), 64)
+
+    def run(batch: list[str]) -> list[np.ndarray]:
+        encodings = tok.encode_batch(batch)
+        width = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(batch), width), dtype=np.int64)
+        for r, e in enumerate(encodings):
+            ids[r, : len(e.ids)] = e.ids
+        return session.run(["doc_logits"], {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)})[0]
+
+    alone = run(["the soup was cold", "fine"])[0]
+    crowded = run([texts[1], "the soup was cold", "meh"])[1]
+    # Fixed activation scales: a text's logits do not move with its neighbours and their padding.
+    np.testing.assert_allclose(alone, crowded, atol=1e-5)
+
+
+def test_agreement_compares_logit_rows_by_argmax_and_tag_ids_elementwise():
+    assert agreement([np.array([0.1, 0.9]), np.array([2.0, 1.0])], [np.array([0.2, 0.3]), np.array([0.0, 1.0])]) == 0.5
+    assert agreement([np.array([0, 1, 2])], [np.array([0, 1, 1])]) == pytest.approx(2 / 3)

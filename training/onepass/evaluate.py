@@ -1,0 +1,175 @@
+"""Dev scores of the one-pass model, per dev set, for every head that set has gold for; torch or the ONNX package.
+
+Per set (keys present only when the set has that gold):
+  * ``doc_accuracy``: argmax of the document head against NEGATIVE/POSITIVE (the text's first ``max_length``
+    tokens: this is the model's score, not the served long-text path, which ``bench.long_texts`` measures);
+  * ``tag_f1`` / ``tag_precision`` / ``tag_recall``: exact [start, end) spans decoded per word
+    (``runtime.absa_models.decode_spans``), micro over sentences: the SemEval-2014 extraction convention;
+  * ``span_accuracy`` / ``span_macro_f1``: polarity of every gold term through the span head (gold spans);
+  * ``query_accuracy``: polarity of every annotated category through the query head;
+    ``presence_accuracy``: present/absent at logit 0 over the source's whole category set.
+``collect`` keeps the raw logits too, so the package step fits temperatures and thresholds on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from tokenizers import Encoding, Tokenizer
+
+from runtime.absa_models import decode_spans
+from training.absa.tagger import IGNORE, span_prf
+from training.onepass.data import Row
+from training.onepass.model import TAG_LABELS, OnePassModel
+from training.onepass.train import encode_texts, query_vectors, targets
+
+BATCH = 64
+
+# (texts) → encodings, attention mask [B, L], doc logits [B, 2], tag logits [B, L, 3], hidden [B, L, H]
+TextPass = Callable[[list[str]], tuple[list[Encoding], np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+# (hidden, mask, span_mask, queries) → span logits, query logits
+HeadsPass = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Scorer:
+    text: TextPass
+    heads: HeadsPass
+    queries: Callable[[list[str]], np.ndarray]
+
+
+def torch_scorer(model: OnePassModel, tokenizer: Tokenizer) -> Scorer:
+    @torch.no_grad()
+    def text(texts: list[str]):
+        encodings, _, mask, (doc, tag, hidden, _) = encode_texts(model, tokenizer, texts)
+        return encodings, mask.numpy(), doc.numpy(), tag.numpy(), hidden.numpy()
+
+    @torch.no_grad()
+    def heads(hidden, mask, span_mask, queries):
+        span, query = model.aspects(torch.from_numpy(hidden), torch.from_numpy(mask), torch.from_numpy(span_mask),
+                                    torch.from_numpy(queries))
+        return span.numpy(), query.numpy()
+
+    @torch.no_grad()
+    def queries(texts: list[str]) -> np.ndarray:
+        return query_vectors(model, tokenizer, texts).numpy()
+
+    return Scorer(text, heads, queries)
+
+
+def onnx_scorer(encoder_onnx: Path, heads_onnx: Path, tokenizer: Tokenizer, threads: int = 2) -> Scorer:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    encoder = ort.InferenceSession(str(encoder_onnx), options, providers=["CPUExecutionProvider"])
+    head_session = ort.InferenceSession(str(heads_onnx), options, providers=["CPUExecutionProvider"])
+
+    def run(texts: list[str]):
+        encodings = tokenizer.encode_batch(texts)
+        width = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(texts), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for r, e in enumerate(encodings):
+            ids[r, : len(e.ids)] = e.ids
+            mask[r, : len(e.ids)] = 1
+        doc, tag, hidden, pooled = encoder.run(None, {"input_ids": ids, "attention_mask": mask})
+        return encodings, mask, doc, tag, hidden, pooled
+
+    def text(texts: list[str]):
+        return run(texts)[:5]
+
+    def heads(hidden, mask, span_mask, queries):
+        return tuple(head_session.run(None, {"hidden": hidden, "attention_mask": mask, "span_mask": span_mask,
+                                             "queries": queries}))
+
+    def queries(texts: list[str]) -> np.ndarray:
+        return run(texts)[5] if texts else np.zeros((0, 1), np.float32)
+
+    return Scorer(text, heads, queries)
+
+
+@dataclass
+class Collected:
+    doc_logits: list[np.ndarray] = field(default_factory=list)
+    doc_gold: list[int] = field(default_factory=list)
+    pred_spans: list[list[tuple[int, int]]] = field(default_factory=list)
+    gold_spans: list[list[tuple[int, int]]] = field(default_factory=list)
+    tag_ids: list[np.ndarray] = field(default_factory=list)
+    span_logits: list[np.ndarray] = field(default_factory=list)
+    span_gold: list[int] = field(default_factory=list)
+    query_logits: list[np.ndarray] = field(default_factory=list)  # present categories: polarity logits
+    query_gold: list[int] = field(default_factory=list)
+    presence_logits: list[float] = field(default_factory=list)  # every (row, category of its set)
+    presence_gold: list[int] = field(default_factory=list)
+
+
+def collect(scorer: Scorer, rows: list[Row]) -> Collected:
+    out = Collected()
+    order = np.argsort([len(r.text) for r in rows], kind="stable")
+    for lo in range(0, len(order), BATCH):
+        batch = [rows[i] for i in order[lo:lo + BATCH]]
+        encodings, mask, doc_logits, tag_logits, hidden = scorer.text([r.text for r in batch])
+        gold = targets(batch, encodings, mask.shape[1])
+        queries = scorer.queries(gold.queries) if gold.queries else np.zeros((1, hidden.shape[-1]), np.float32)
+        span_logits, query_logits = scorer.heads(hidden, mask, gold.span_mask.numpy(), queries)
+        for i, row in enumerate(batch):
+            if row.doc_label >= 0:
+                out.doc_logits.append(doc_logits[i])
+                out.doc_gold.append(row.doc_label)
+            if row.tagged:
+                ids = tag_logits[i].argmax(-1)
+                out.tag_ids.append(ids[: len(encodings[i].ids)])
+                out.pred_spans.append(decode_spans(encodings[i], ids, TAG_LABELS))
+                out.gold_spans.append(row.tag_spans)
+            for j, label in enumerate(gold.span_labels[i].tolist()):
+                if label != IGNORE:
+                    out.span_logits.append(span_logits[i, j])
+                    out.span_gold.append(label)
+            for k, q in enumerate(gold.queries):
+                if q not in row.category_set:
+                    continue
+                present = int(gold.presence[i, k]) == 1
+                out.presence_logits.append(float(query_logits[i, k, 0]))
+                out.presence_gold.append(int(present))
+                if present:
+                    out.query_logits.append(query_logits[i, k, 1:])
+                    out.query_gold.append(int(gold.polarity[i, k]))
+    return out
+
+
+def macro_f1(pred: np.ndarray, gold: np.ndarray, classes: int = 3) -> float:
+    f1s = []
+    for c in range(classes):
+        tp = float(((pred == c) & (gold == c)).sum())
+        p = tp / max(1.0, float((pred == c).sum()))
+        r = tp / max(1.0, float((gold == c).sum()))
+        f1s.append(2 * p * r / (p + r) if p + r else 0.0)
+    return float(np.mean(f1s))
+
+
+def summarize(c: Collected, n: int) -> dict[str, float]:
+    out: dict[str, float] = {"n": n}
+    if c.doc_gold:
+        out["doc_accuracy"] = round(float((np.stack(c.doc_logits).argmax(1) == np.array(c.doc_gold)).mean()), 4)
+    if c.gold_spans:
+        prf = span_prf(c.pred_spans, c.gold_spans)
+        out.update({f"tag_{k}": round(float(prf[k]), 4) for k in ("f1", "precision", "recall")})
+    if c.span_gold:
+        p, g = np.stack(c.span_logits).argmax(1), np.array(c.span_gold)
+        out.update(span_accuracy=round(float((p == g).mean()), 4), span_macro_f1=round(macro_f1(p, g), 4),
+                   span_n=len(g))
+    if c.query_gold:
+        p, g = np.stack(c.query_logits).argmax(1), np.array(c.query_gold)
+        presence = (np.array(c.presence_logits) > 0) == np.array(c.presence_gold).astype(bool)
+        out.update(query_accuracy=round(float((p == g).mean()), 4), query_n=len(g),
+                   presence_accuracy=round(float(presence.mean()), 4))
+    return out
+
+
+def dev_scores(model: OnePassModel, tokenizer: Tokenizer, dev: dict[str, list[Row]]) -> dict[str, dict]:
+    scorer = torch_scorer(model, tokenizer)
+    return {name: summarize(collect(scorer, rows), len(rows)) for name, rows in dev.items()}

@@ -1,0 +1,96 @@
+"""The one-pass model: one encoder pass per text, then a document head, a tagging head and tiny aspect heads.
+
+Contract (the two ONNX graphs of the package mirror the two modules):
+  * ``OnePassEncoder.forward(input_ids, attention_mask)`` → ``doc_logits`` [B, 2] (NEGATIVE, POSITIVE; mean
+    pooling, as all-MiniLM-L6-v2 was trained), ``tag_logits`` [B, L, 3] (O, B-ASP, I-ASP), ``hidden`` [B, L, H]
+    (the shared token states) and ``pooled`` [B, H] (their masked mean). ``token_type_ids`` are all zero (one
+    segment), so they are not an input.
+  * ``AspectHeads.forward(hidden, attention_mask, span_mask, queries)``:
+      - ``span_logits`` [B, S, 3]: each span's mean token state (``span_mask`` [B, S, L], 1 on the span's tokens)
+        next to the document state → MLP → NEGATIVE / NEUTRAL / POSITIVE. n aspects found in a text cost one
+        encoder pass plus this head.
+      - ``query_logits`` [B, Q, 4]: for each query vector (``queries`` [Q, H]: the ``pooled`` state of the
+        query's own words, a category phrase or a requested aspect, computed once per distinct query and cached),
+        attention over the text's tokens → pooled evidence next to the query and the document state → MLP →
+        [presence logit, NEGATIVE, NEUTRAL, POSITIVE]. Categories without an explicit term and requested aspects
+        absent from the text are answered by this head from the same pass; presence says whether the text
+        talks about the query at all.
+  * A span row of ``span_mask`` that is all zero yields finite logits (the mean divides by max(count, 1)); the
+    caller ignores it (padding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+TAG_LABELS = ["O", "B-ASP", "I-ASP"]
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` [..., L, H] over positions where ``mask`` [..., L] is 1; zero rows stay finite."""
+    weights = mask.to(hidden.dtype)
+    return (weights.unsqueeze(-1) * hidden).sum(dim=-2) / weights.sum(dim=-1, keepdim=True).clamp(min=1.0)
+
+
+class OnePassEncoder(nn.Module):
+    """Encoder → (document logits, tag logits, token states, pooled state)."""
+
+    def __init__(self, encoder: nn.Module, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.dropout = nn.Dropout(dropout)
+        self.doc_head = nn.Linear(hidden, 2)
+        self.tag_head = nn.Linear(hidden, len(TAG_LABELS))
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+        pooled = masked_mean(hidden, attention_mask)
+        return (self.doc_head(self.dropout(pooled)), self.tag_head(self.dropout(hidden)), hidden, pooled)
+
+
+class AspectHeads(nn.Module):
+    """Span polarity and query (category / requested aspect) heads over the shared token states."""
+
+    def __init__(self, hidden: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.scale = 1.0 / math.sqrt(hidden)
+        self.span_mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * hidden, hidden), nn.GELU(),
+                                      nn.Dropout(dropout), nn.Linear(hidden, 3))
+        self.key = nn.Linear(hidden, hidden)
+        self.query = nn.Linear(hidden, hidden)
+        self.query_mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(3 * hidden, hidden), nn.GELU(),
+                                       nn.Dropout(dropout), nn.Linear(hidden, 4))
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, span_mask: torch.Tensor,
+                queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        doc = masked_mean(hidden, attention_mask)  # [B, H]
+        spans = torch.matmul(span_mask.to(hidden.dtype), hidden)  # [B, S, H]
+        spans = spans / span_mask.to(hidden.dtype).sum(dim=-1, keepdim=True).clamp(min=1.0)
+        span_in = torch.cat([spans, doc.unsqueeze(1).expand(-1, spans.shape[1], -1)], dim=-1)
+        span_logits = self.span_mlp(span_in)
+
+        keys = self.key(hidden)  # [B, L, H]
+        q = self.query(queries)  # [Q, H]
+        scores = torch.matmul(keys, q.transpose(0, 1)).transpose(1, 2) * self.scale  # [B, Q, L]
+        # Padding may not receive attention: a large negative, not -inf, so an all-padding row stays finite.
+        scores = scores + (1.0 - attention_mask.to(hidden.dtype)).unsqueeze(1) * -1e4
+        evidence = torch.matmul(torch.softmax(scores, dim=-1), hidden)  # [B, Q, H]
+        b, n = evidence.shape[0], evidence.shape[1]
+        query_in = torch.cat([evidence, queries.unsqueeze(0).expand(b, -1, -1),
+                              doc.unsqueeze(1).expand(-1, n, -1)], dim=-1)
+        return span_logits, self.query_mlp(query_in)
+
+
+class OnePassModel(nn.Module):
+    """Both modules, for training (one object to save, load and optimise)."""
+
+    def __init__(self, encoder: nn.Module, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.text = OnePassEncoder(encoder, dropout)
+        self.aspects = AspectHeads(encoder.config.hidden_size, dropout)

