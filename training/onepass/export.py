@@ -95,12 +95,14 @@ def text_feeds(tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 32)
         yield {"input_ids": ids, "attention_mask": mask}
 
 
-def quantize_encoder(fp32: Path, out: Path, tokenizer: Tokenizer, calibration_texts: Sequence[str]) -> Path:
-    """Dynamic INT8 (QInt8 weights per channel, MatMuls only), then fixed activation scales."""
+def quantize_encoder(fp32: Path, out: Path, tokenizer: Tokenizer, calibration_texts: Sequence[str],
+                     keep_fp32: Sequence[str] = ()) -> Path:
+    """Dynamic INT8 (QInt8 weights per channel, MatMuls only, except the ``keep_fp32`` nodes), then fixed
+    activation scales."""
     out.parent.mkdir(parents=True, exist_ok=True)
     dynamic = out.with_name("encoder-int8-dynamic.onnx")
     quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul"])
+                     op_types_to_quantize=["MatMul"], nodes_to_exclude=list(keep_fp32))
     return freeze_file(dynamic, out, text_feeds(tokenizer, calibration_texts))
 
 
@@ -109,7 +111,8 @@ def export_package(model: OnePassModel, tokenizer_json: Path, out: Path, *, name
                    doc_temperature: float = 1.0, doc_threshold: float = 0.0, span_temperature: float = 1.0,
                    query_temperature: float = 1.0, aspect_threshold: float = 0.0, presence_threshold: float = 0.5,
                    metrics: Sequence[MetricRecord] = (), report: str = "", training: dict | None = None,
-                   base_encoder: str = "all-MiniLM-L6-v2", work_dir: Path | None = None) -> Path:
+                   base_encoder: str = "all-MiniLM-L6-v2", work_dir: Path | None = None,
+                   keep_fp32: Sequence[str] = ()) -> Path:
     """Writes the package at ``out`` (replacing it atomically) and returns ``out``; see the module docstring."""
     work = Path(work_dir or tempfile.mkdtemp(prefix="onepass-export-"))
     encoder_fp32, heads = export_graphs(model, work / "fp32")
@@ -118,8 +121,9 @@ def export_package(model: OnePassModel, tokenizer_json: Path, out: Path, *, name
     tokenizer.enable_truncation(max_length=max_length)
     if quantize:
         texts = list(calibration_texts) or ["a short text", "the battery life is great but the screen is dim"]
-        encoder = quantize_encoder(encoder_fp32, work / "int8" / "model.onnx", tokenizer, texts)
-        quantization = "int8-static-activations (QInt8 per-channel MatMuls, fixed activation scales)"
+        encoder = quantize_encoder(encoder_fp32, work / "int8" / "model.onnx", tokenizer, texts, keep_fp32)
+        kept = f", {len(keep_fp32)} MatMuls fp32" if keep_fp32 else ""
+        quantization = f"int8-static-activations (QInt8 per-channel MatMuls{kept}, fixed activation scales)"
     else:
         encoder, quantization = encoder_fp32, "fp32"
     staging = work / "staging"
