@@ -105,8 +105,9 @@ def terms_pattern(terms: Sequence[str]) -> re.Pattern[str]:
     return re.compile("|".join(term_regex(t) for t in ordered), re.IGNORECASE)
 
 
-def find_term(text: str, term: str) -> tuple[int, int] | None:
-    """First case-insensitive occurrence of ``term`` as whole words, else of an inflection of it.
+def find_term(text: str, term: str, start: int = 0) -> tuple[int, int] | None:
+    """First case-insensitive occurrence of ``term`` as whole words, else of an inflection of it, at or after
+    ``start`` (the characters before it still count for the whole-word test).
 
     ``re.IGNORECASE`` folds case per code point, so offsets index the original string even where
     ``str.lower()`` would change its length (e.g. "İ").
@@ -121,7 +122,7 @@ def find_term(text: str, term: str) -> tuple[int, int] | None:
     # ("app" in "happy").
     patterns.append(r"(?<!\w)" + re.escape(term) + "|" + re.escape(term) + r"(?!\w)")
     for pattern in patterns:
-        match = re.search(pattern, text, re.IGNORECASE)
+        match = re.compile(pattern, re.IGNORECASE).search(text, start)
         if match:
             return match.start(), match.end()
     return None

@@ -7,6 +7,8 @@ Contract:
     tokens, and its row aggregates theirs (``runtime/chunking.py``); ``truncated`` means that budget ran out.
     Rows (texts or windows) are sorted by token length and cut into sub-batches where that saves more padding
     than an extra session call costs (``plan_sub_batches``): padding waste costs as much as quantization saves.
+  * ``predict`` = ``document_rows`` → ``logits_for`` → ``aggregate_rows``; ``logits_for(outputs=...)`` fetches more
+    graph outputs from the same session run (the one-pass package's token states: ``runtime/onepass.py``).
   * ``decide`` turns one probability row into (label, predicted_label, confidence): below the
     threshold the label is UNCERTAIN, and predicted_label keeps the argmax.
 """
@@ -14,7 +16,7 @@ Contract:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,20 @@ class Predictions:
     windows: np.ndarray | None = None  # (n,) int: windows read per text (``predict``; None elsewhere)
 
 
+@dataclass(frozen=True)
+class DocumentRows:
+    """The model rows of a batch of texts (``Classifier.document_rows``)."""
+
+    rows: list[Encoding | Window]  # model input rows: a short text's encoding, or a long text's windows, text order
+    owners: np.ndarray  # (rows,) int: the text each row belongs to
+    truncated: np.ndarray  # (texts,) bool: part of the text was not read
+    pieces: list[list[tuple[int, Encoding]] | None]  # per text: recorded sentence pieces (windowed texts only)
+
+
+# ``logits_for``'s per-sub-batch hook: (input indices, the padded feed, the extra outputs cut to the rows).
+BatchHook = Callable[[np.ndarray, dict[str, np.ndarray], list[np.ndarray]], None]
+
+
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
@@ -125,10 +141,18 @@ class Classifier:
 
     def predict(self, texts: Sequence[str], text_token_budget: int = DEFAULT_TEXT_TOKEN_BUDGET,
                 aggregation: str = AGGREGATION) -> Predictions:
-        """One calibrated row per text. Steps: tokenise each text's first ``max_length × 101`` characters; a
-        text that fits ``max_length`` tokens is one window as it is; a longer one is planned into windows
-        (``plan_windows``, at most ``text_token_budget // max_length``); every window of the batch is scored
-        together (each row independently of its batch-mates); a text's windows are aggregated."""
+        """One calibrated row per text. Steps: the texts' model rows (``document_rows``); every row of the batch
+        is scored together (each row independently of its batch-mates); a text's windows are aggregated."""
+        rows = self.document_rows(texts, text_token_budget)
+        logits, _ = self.logits_for(rows.rows)
+        return self.aggregate_rows(logits, rows, aggregation)
+
+    def document_rows(self, texts: Sequence[str], text_token_budget: int = DEFAULT_TEXT_TOKEN_BUDGET,
+                      record_pieces: bool = False) -> DocumentRows:
+        """The model rows of ``texts``, in text order. Steps: tokenise each text's first ``max_length × 101``
+        characters; a text that fits ``max_length`` tokens is one row as it is; a longer one is planned into
+        windows (``plan_windows``, at most ``text_token_budget // max_length``). ``record_pieces`` keeps, per
+        windowed text, the sentence encodings the windows were packed from (their character offsets)."""
         limit = self.max_length
         whole = [folded(t, limit) for t in texts]
         heads = self.tokenizer.encode_batch([bounded_text(t, limit) for t in whole])
@@ -136,41 +160,52 @@ class Classifier:
         specials = self.specials
         rows: list[Encoding | Window] = []
         owners: list[int] = []
+        pieces: list[list[tuple[int, Encoding]] | None] = []
         truncated = np.zeros(len(texts), dtype=bool)
         for index, (text, head) in enumerate(zip(whole, heads, strict=True)):
             if len(head.ids) <= limit and len(text) <= limit * CHARS_PER_TOKEN_BOUND:
                 rows.append(head)
                 owners.append(index)
+                pieces.append(None)
                 continue
-            plan = self.plan_windows(text, max_windows)
+            recorded: list[tuple[int, Encoding]] | None = [] if record_pieces else None
+            plan = self.plan_windows(text, max_windows, recorded)
+            pieces.append(recorded)
             truncated[index] = plan.truncated
             contents = plan.windows or [[]]  # no token at all (control characters): read as an empty text
             rows.extend(with_specials(w, specials) for w in contents)
             owners.extend([index] * len(contents))
-        logits, _ = self.logits_for(rows)
+        return DocumentRows(rows, np.asarray(owners, dtype=np.int64), truncated, pieces)
+
+    def aggregate_rows(self, logits: np.ndarray, rows: DocumentRows, aggregation: str = AGGREGATION) -> Predictions:
+        """Calibrated probabilities per text from the logits of its rows (``runtime/chunking.py`` aggregate)."""
+        n = len(rows.truncated)
         window_probs = softmax(logits, self.manifest.temperature, np.float32)
-        owner = np.asarray(owners, dtype=np.int64)
-        windows = np.bincount(owner, minlength=len(texts)).astype(np.int64)
-        probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        tokens = np.fromiter((len(r.ids) - 2 for r in rows), dtype=np.int64, count=len(rows))
-        for index in range(len(texts)):
+        owner = rows.owners
+        windows = np.bincount(owner, minlength=n).astype(np.int64)
+        probs = np.zeros((n, len(self.labels)), dtype=np.float32)
+        tokens = np.fromiter((len(r.ids) - 2 for r in rows.rows), dtype=np.int64, count=len(rows.rows))
+        for index in range(n):
             mine = owner == index
             probs[index] = aggregate(window_probs[mine], tokens[mine], aggregation)
-        return Predictions(probs, truncated, windows)
+        return Predictions(probs, rows.truncated, windows)
 
     @property
     def specials(self) -> list[int]:
         """The ids a single sequence is wrapped in (``[CLS]``, ``[SEP]``), from the tokenizer's own template."""
         return self.tokenizer.encode("").ids
 
-    def plan_windows(self, text: str, max_windows: int) -> WindowPlan:
+    def plan_windows(self, text: str, max_windows: int,
+                     recorded: list[tuple[int, Encoding]] | None = None) -> WindowPlan:
         """``text`` as at most ``max_windows`` windows of whole sentences (``runtime/chunking.py``).
 
         Tokenising is bounded like the single pass: sentences are tokenised one at a time and only until the
         windows are full, and a sentence only as far as its characters can reach the room left (every token
         yielded is packed, so at most ``room`` more can be; one more tells that text was left). Text beyond a cut
         counts as unread (``truncated``): 100,000 characters without a sentence end cost one window budget's
-        worth of tokenising, not the whole text's."""
+        worth of tokenising, not the whole text's. ``recorded`` (optional) receives (sentence start, encoding)
+        of every piece packed, in order, with offsets into ``text`` after long whitespace runs are folded: the
+        windows' tokens are, in order, a prefix of these pieces' tokens (``pack_windows`` drops only a tail)."""
         capacity = self.max_length - 2
         text = LONG_WHITESPACE.sub(" ", text)
         cut = False
@@ -179,28 +214,31 @@ class Classifier:
             nonlocal cut
             room = max_windows * capacity
             for start, end in sentence_spans(text):
-                ids, cut_here = self._leading_tokens(text[start:end], max(room, 0) + 1)
+                encoding, cut_here = self._leading_tokens(text[start:end], max(room, 0) + 1)
                 cut = cut or cut_here
-                room -= len(ids)
-                yield ids
+                room -= len(encoding.ids)
+                if recorded is not None:
+                    recorded.append((start, encoding))
+                yield encoding.ids
 
         plan = pack_windows(pieces(), capacity, max_windows)
         return WindowPlan(plan.windows, truncated=True) if cut and not plan.truncated else plan
 
-    def _leading_tokens(self, sentence: str, need: int) -> tuple[list[int], bool]:
-        """The tokens of ``sentence``, or, when it is longer than ``need`` tokens can reach, the tokens of a
-        prefix cut at a space (so no word is cut: the tokens kept are exactly the sentence's first ones) and
-        True. English averages under 8 characters a token, so a prefix of ``need × 8`` characters is tried
-        first and ``need × 101`` (the hard bound) only when that held too few tokens."""
+    def _leading_tokens(self, sentence: str, need: int) -> tuple[Encoding, bool]:
+        """The encoding (no special tokens) of ``sentence``, or, when it is longer than ``need`` tokens can
+        reach, the encoding of a prefix cut at a space (so no word is cut: the tokens kept are exactly the
+        sentence's first ones) and True. English averages under 8 characters a token, so a prefix of
+        ``need × 8`` characters is tried first and ``need × 101`` (the hard bound) only when that held too few
+        tokens."""
         for chars in (need * 8, need * CHARS_PER_TOKEN_BOUND):
             if len(sentence) <= chars:
-                return self.tokenizer.encode(sentence, add_special_tokens=False).ids, False
+                return self.tokenizer.encode(sentence, add_special_tokens=False), False
             head = sentence[:chars]
             space = head.rfind(" ")
-            ids = self.tokenizer.encode(head[:space] if space > chars // 2 else head, add_special_tokens=False).ids
-            if len(ids) >= need:
+            encoding = self.tokenizer.encode(head[:space] if space > chars // 2 else head, add_special_tokens=False)
+            if len(encoding.ids) >= need:
                 break
-        return ids, True
+        return encoding, True
 
     def predict_pairs(self, texts: Sequence[str], second: Sequence[str]) -> Predictions:
         """Sentence-pair scoring (ABSA: text, aspect); truncation cuts the first sequence only."""
@@ -216,8 +254,11 @@ class Classifier:
                 predictions.truncated[row] = True
         return predictions
 
-    def logits_for(self, encodings: Sequence[Encoding | Window], pairs: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Raw logits and truncation flags for encodings, in input order."""
+    def logits_for(self, encodings: Sequence[Encoding | Window], pairs: bool = False, outputs: Sequence[str] = (),
+                   on_batch: BatchHook | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits and truncation flags for encodings, in input order. ``outputs``: more graph outputs fetched
+        by the same session run, handed to ``on_batch(rows, feed, values)`` per sub-batch (``rows``: input
+        indices; ``feed``: the padded inputs; ``values``: one array per name, cut to ``len(rows)``)."""
         n = len(encodings)
         logits = np.zeros((n, len(self.labels)), dtype=np.float32)
         truncated = np.zeros(n, dtype=bool)
@@ -233,8 +274,11 @@ class Classifier:
             # probabilities never depend on whether it had company (tests/test_batch_independence.py).
             batch = [encodings[i] for i in rows] * (2 if len(rows) == 1 else 1)
             feed, cut = self._feed(batch, pairs)
-            logits[rows] = self.session.run([self.manifest.onnx_output], feed)[0][:len(rows)]
+            values = self.session.run([self.manifest.onnx_output, *outputs], feed)
+            logits[rows] = values[0][:len(rows)]
             truncated[rows] = cut[:len(rows)]
+            if on_batch is not None:
+                on_batch(rows, feed, [v[:len(rows)] for v in values[1:]])
         return logits, truncated
 
     def _predict(self, encodings: list[Encoding], pairs: bool = False) -> Predictions:

@@ -171,13 +171,28 @@ class AspectSentiment(BaseModel):
     span: tuple[int, int] | None = Field(
         default=None, description="[start, end) character offsets of term in the original text (code points)."
     )
-    origin: Literal["request", "category", "tagger"] = "request"
+    spans: list[tuple[int, int]] = Field(default_factory=list, description=(
+        "Every mention of the aspect found in the text, [start, end) in code points, in reading order (at most "
+        "16): the same term found five times is one entry with five spans. span is the first of them."))
+    origin: Literal["request", "category", "tagger"] = Field(default="request", description=(
+        "Where the aspect came from: the request's aspects, a configured category, or the aspect-term tagger."))
+    kind: Literal["term", "category"] = Field(default="term", description=(
+        "category: aspect is a configured category name (aspect_categories.json); term: words of the text (or a "
+        "requested term) that are not a category."))
     label: Label
     predicted_label: Label
     confidence: float
     probabilities: dict[str, float]
     threshold: float
     negated: bool = False
+    mentioned: bool | None = Field(default=None, description=(
+        "Whether the text talks about the aspect (one-pass package): true when a span was found or the query "
+        "head's presence is at least the package's presence threshold; false when it is below, and then label "
+        "is UNCERTAIN (predicted_label keeps the polarity argmax). null: not measured (the pair-classifier "
+        "pipeline classifies an aspect absent from the text as if it were there)."))
+    presence: float | None = Field(default=None, description=(
+        "Probability that the text talks about the aspect, from the one-pass query head; null when the aspect "
+        "was scored on its spans (or by the pair-classifier pipeline)."))
 
 
 class LabeledEvent(_Event):

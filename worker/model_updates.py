@@ -98,7 +98,8 @@ class ModelUpdates:
             root = s.allowed_root_for(s.extra_model_dir or s.model_dir) if extra else None
             target = self._inside_registry(Path(path), root)
             # Load and verify (hashes, signature, session build) off the event loop and off the inference thread.
-            classifier = await loop.run_in_executor(self.loader, lambda: Classifier.load(
+            # The served model's own class: a one-pass package reloads as one (its heads and aspect settings too).
+            classifier = await loop.run_in_executor(self.loader, lambda: type(served).load(
                 target, intra_op_threads=self.settings.intra_op_threads, public_key=self.verify_key))
             # What was loaded, not only what was asked for: a second CURRENT inside the root could point out.
             self._inside_registry(classifier.package_dir, root)

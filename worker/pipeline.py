@@ -14,6 +14,10 @@ Model sets: a Labeler serves its default document model and, optionally, a secon
 NEGATIVE/POSITIVE, 3class = NEGATIVE/NEUTRAL/POSITIVE). A request picks one with ``model_set`` (null: the default);
 one naming a set that is not loaded is dead-lettered as ``model_set_unavailable``, never served by the other.
 
+One pass (issue 14): when the document model is a one-pass package (``runtime.onepass``), the aspect stage's
+``label_with`` returns the document predictions AND the aspects from one encoder pass per window (``_infer``);
+with ABSA off the package is a plain document model.
+
 Bounded work: ``token_cost`` is an upper bound, computed from the request before anything is tokenised,
 of the model tokens a record can cost (its document windows, up to the per-text ``text_token_budget``, plus
 every aspect pass); ``plan_steps`` cuts a batch into contiguous steps within a token budget, and the worker
@@ -32,11 +36,13 @@ from pathlib import Path
 import numpy as np
 import structlog
 
+from runtime.categories import load_category_config
 from runtime.chunking import DEFAULT_TEXT_TOKEN_BUDGET, window_count_bound
 from runtime.errors import SentimentError, UserError
 from runtime.inference import Classifier, Predictions
 from runtime.language import LanguageDecision, LanguageGate
 from runtime.numeric import decide_batch
+from runtime.onepass import OnePassClassifier, load_document_model
 from runtime.settings import WorkerSettings
 from runtime.signing import load_public_key
 from schemas import UNCERTAIN, DeadLetter, LabeledEvent
@@ -216,6 +222,9 @@ class Labeler:
                 time.sleep(self.slow_seconds)
             else:
                 raise InjectedFault(f"fault marker {self.fault_marker!r} in batch")
+        joint = getattr(self.aspect_stage, "label_with", None)
+        if joint is not None:  # the one-pass package: document and aspects from one encoder pass
+            return joint(classifier, batch, self.text_token_budget)
         predictions = classifier.predict([item.request.text for item in batch],
                                          text_token_budget=self.text_token_budget)
         aspects = self.aspect_stage(batch) if self.aspect_stage else [[] for _ in batch]
@@ -297,7 +306,8 @@ def build_labeler(settings: WorkerSettings, model_dir: Path | None = None, threa
     """The Labeler a process serves with: the stream worker and ``sentiment predict`` both build it here."""
     threads = threads or settings.intra_op_threads
     public_key = load_public_key(settings.verify_key) if settings.verify_key else None
-    classifier = Classifier.load(model_dir or settings.model_dir, intra_op_threads=threads, public_key=public_key)
+    # A one-pass package (task one-pass, SENTIMENT_ONEPASS_MODEL_DIR) is the document model and the ABSA stage.
+    classifier = load_document_model(model_dir or settings.model_dir, intra_op_threads=threads, public_key=public_key)
     extra = None
     if settings.extra_model_dir is not None:
         extra = Classifier.load(settings.extra_model_dir, intra_op_threads=threads, public_key=public_key)
@@ -306,7 +316,8 @@ def build_labeler(settings: WorkerSettings, model_dir: Path | None = None, threa
                           max_key_bytes=settings.max_key_bytes, max_output_bytes=settings.max_output_bytes)
     return Labeler(classifier, limits, threshold=settings.threshold, echo_text=settings.echo_text,
                    retries=settings.inference_retries, fault_marker=settings.fault_marker,
-                   slow_seconds=settings.chaos_slow_ms / 1000, aspect_stage=build_aspect_stage(settings, threads),
+                   slow_seconds=settings.chaos_slow_ms / 1000,
+                   aspect_stage=build_aspect_stage(settings, threads, classifier),
                    text_token_budget=settings.text_token_budget,
                    language=LanguageGate(settings.supported_languages, detection=settings.language_detection),
                    extra_classifier=extra)
@@ -339,15 +350,23 @@ def plan_steps(costs: Sequence[int], budget: int) -> list[tuple[int, int]]:
     return steps
 
 
-def build_aspect_stage(settings: WorkerSettings, threads: int) -> Callable[[Sequence[Decoded]], list[list]] | None:
-    """The ABSA stage from settings, or None when switched off. Missing optional parts (tagger, embedder,
-    categories) switch off only that way of finding aspects; a missing ABSA package is an error."""
+def build_aspect_stage(settings: WorkerSettings, threads: int,
+                       classifier: Classifier | None = None) -> Callable[[Sequence[Decoded]], list[list]] | None:
+    """The ABSA stage from settings, or None when switched off. With a one-pass document model
+    (``classifier``), the stage reads that model's own pass and loads nothing else. Otherwise missing optional
+    parts (tagger, embedder, categories) switch off only that way of finding aspects; a missing ABSA package is
+    an error."""
     if not settings.absa_enabled:
         return None
-    from worker.absa import AspectStage
+    from worker.absa import AspectStage, OnePassAspectStage
 
     def present(path: Path | None) -> Path | None:
         return path if path is not None and path.exists() else None
+
+    if isinstance(classifier, OnePassClassifier):
+        categories = present(settings.aspect_categories)
+        return OnePassAspectStage(classifier, load_category_config(categories) if categories else None,
+                                  detect=settings.absa_detect)
 
     return AspectStage.load(
         settings.absa_model_dir, categories_path=present(settings.aspect_categories),

@@ -30,6 +30,11 @@ class WorkerSettings(TopicSettings):
         "NEGATIVE/POSITIVE package serves model_set binary, a NEGATIVE/NEUTRAL/POSITIVE one 3class (e.g. "
         "models/sentiment-en-3class: NEUTRAL needs it). It must serve the other set than model_dir and is labelled "
         "with its own manifest threshold (threshold overrides model_dir's only). Unset: one model, no extra memory."))
+    onepass_model_dir: Path | None = Field(default=None, description=(
+        "A one-pass package (task one-pass, issue 14): it becomes model_dir, the document model, AND the ABSA stage "
+        "(one encoder pass per text window for both; absa_model_dir, aspect_tagger_dir and aspect_embedder_dir are "
+        "not loaded). Unset: model_dir and the three ABSA packages as before. Other processes (drift monitor) read "
+        "SENTIMENT_MODEL_DIR: point it at the same package there."))
     absa_enabled: bool = Field(default=True, description="Per-aspect sentiment in every event.")
     absa_model_dir: Path = DEFAULT_ABSA_DIR
     absa_detect: Literal["auto", "always", "never"] = Field(
@@ -118,6 +123,13 @@ class WorkerSettings(TopicSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _split_supported_languages = field_validator("supported_languages", mode="before")(split_commas)
+
+    @model_validator(mode="after")
+    def _onepass_is_the_document_model(self) -> WorkerSettings:
+        # One place decides what the worker serves: model updates, the registry root and predict all read model_dir.
+        if self.onepass_model_dir is not None:
+            self.model_dir = self.onepass_model_dir
+        return self
 
     @model_validator(mode="after")
     def _fault_marker_needs_chaos_testing(self) -> WorkerSettings:
