@@ -227,3 +227,13 @@ def test_xml_evaluation_reports_polarity_and_extraction(tmp_path, monkeypatch) -
     assert summary["term_polarity"]["n"] == 2  # conflict dropped
     assert summary["term_extraction"]["gold"] == 3
     assert (out / "report.md").exists() and (out / "metrics.json").exists()
+
+
+def test_a_term_mentioned_three_times_is_one_aspect_with_three_spans(stage: AspectStage) -> None:
+    # Issue 14: the tagger reported one entry per mention ("battery" three times in one event).
+    text = "The battery is weak. I charge the battery twice a day, and the Battery still dies."
+    aspects = stage.analyze([text], [None])[0]
+    battery = [a for a in aspects if a.aspect.lower() == "battery"]
+    assert len(battery) == 1
+    assert battery[0].spans == [(4, 11), (34, 41), (63, 70)] and battery[0].span == (4, 11)
+    assert battery[0].kind == "term" and battery[0].origin == "tagger"

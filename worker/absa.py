@@ -8,7 +8,8 @@ Contract (``AspectStage.__call__(batch) -> list[list[AspectSentiment]]``, one li
          (case-insensitive, inflections allowed; ``span`` is [start, end) in code points of the original text).
       2. configured categories (``aspect_categories.json``): found by a seed term or inflection of it, else by
          cosine similarity between a clause of the text and the category description (sentence embedder).
-      3. open aspect terms from the BIO tagger, minus those overlapping a span found above.
+      3. open aspect terms from the BIO tagger, minus those overlapping a span found above; the same words
+         (case-insensitive) found again are one aspect: its later mentions go to ``spans`` (issue 14).
     With ``detect="auto"`` (default) 2 and 3 run only for requests without ``aspects``: a producer that names
     its aspects gets exactly those, and pays for nothing else. ``"always"`` / ``"never"`` override that.
     Detected aspects fill up to ``max_aspects`` per text; requested ones (at most
@@ -35,7 +36,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -139,6 +140,10 @@ def is_negated(text: str, span: tuple[int, int] | None) -> bool:
 # --- the stage ---------------------------------------------------------------------------------------------
 
 
+# Mentions of one aspect kept in ``spans`` (the one-pass stage also scores them); a term found 500 times keeps 16.
+MAX_MENTIONS = 16
+
+
 @dataclass
 class _Candidate:
     aspect: str
@@ -147,6 +152,7 @@ class _Candidate:
     span: tuple[int, int] | None
     origin: Literal["request", "category", "tagger"]
     threshold: float
+    more: list[tuple[int, int]] = field(default_factory=list)  # later mentions of the same term (merged)
 
 
 class AspectStage:
@@ -261,10 +267,19 @@ class AspectStage:
                     found.append(_Candidate(category.name, category.query, text[s:e], (s, e), "category",
                                             self._threshold(category)))
             spans = [c.span for c in found if c.span is not None and c.term is not None and len(c.term) < 40]
+            by_term: dict[str, _Candidate] = {}
             for s, e in tagged[k]:
-                if not any(s < b and a < e for a, b in spans):
-                    found.append(_Candidate(text[s:e], text[s:e], text[s:e], (s, e), "tagger", self.threshold))
-                    spans.append((s, e))
+                if any(s < b and a < e for a, b in spans):
+                    continue
+                spans.append((s, e))
+                same = by_term.get(text[s:e].lower())
+                if same is not None:  # another mention of a term already found: one aspect, all its spans
+                    if len(same.more) < MAX_MENTIONS - 1:
+                        same.more.append((s, e))
+                    continue
+                by_term[text[s:e].lower()] = _Candidate(text[s:e], text[s:e], text[s:e], (s, e), "tagger",
+                                                        self.threshold)
+                found.append(by_term[text[s:e].lower()])
 
     def _embedding_hits(self, texts: Sequence[str]) -> list[dict[str, tuple[int, int]]]:
         """Per text: category name → the clause span most similar to its description (above the threshold)."""
@@ -313,7 +328,8 @@ class AspectStage:
                 p = probs[row]
                 label, predicted, confidence = decide(p, labels, c.threshold)
                 results.append(AspectSentiment(
-                    aspect=c.aspect, term=c.term, span=c.span, spans=[c.span] if c.span else [], origin=c.origin,
+                    aspect=c.aspect, term=c.term, span=c.span, spans=[c.span, *c.more] if c.span else [],
+                    origin=c.origin,
                     kind="category" if self.config.by_name(c.aspect) is not None else "term", label=label,
                     predicted_label=predicted, confidence=round(confidence, 6),
                     probabilities={lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)},
@@ -329,8 +345,6 @@ class AspectStage:
 
 # Document predictions and each text's aspects, from one pass.
 Labelled = tuple[Predictions, list[list[AspectSentiment]]]
-# Mentions of one aspect that are kept (``spans``) and scored; the rest of a term found 500 times is not.
-MAX_MENTIONS = 16
 
 
 @dataclass
