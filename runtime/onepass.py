@@ -76,6 +76,11 @@ class AspectSettings:
     query_temperature: float
     aspect_threshold: float
     presence_threshold: float
+    # Whether auto-detection reports a configured category with no seed term in the text when the query head
+    # says present. Off unless the package's report shows the head is reliable on categories it never trained on
+    # (sentiment-absa-en, trained on restaurant categories only, said "customer service" present at 0.96-0.99 in
+    # texts that do not mention it).
+    categories_by_presence: bool = False
 
     @classmethod
     def parse(cls, raw: bytes, where: Path) -> AspectSettings:
@@ -83,7 +88,7 @@ class AspectSettings:
             data = json.loads(raw)
             settings = cls(list(data["polarity_labels"]), list(data["tag_labels"]), float(data["span_temperature"]),
                            float(data["query_temperature"]), float(data["aspect_threshold"]),
-                           float(data["presence_threshold"]))
+                           float(data["presence_threshold"]), bool(data.get("categories_by_presence", False)))
         except (ValueError, KeyError, TypeError) as exc:
             raise PackageError(f"{where}: invalid {ASPECTS_FILE}: {exc!r}") from exc
         if settings.span_temperature <= 0 or settings.query_temperature <= 0 or len(settings.polarity_labels) != 3:

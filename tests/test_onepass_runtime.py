@@ -206,7 +206,11 @@ def test_a_requested_absent_aspect_is_answered_by_the_query_head_with_presence(p
     model.aspects = dataclasses.replace(model.aspects, presence_threshold=0.0)  # everything is present
     _, [[present]] = stage.analyze([text], [["camera"]])
     assert present.mentioned is True and present.presence == absent.presence
-    # A detected category without a seed term is kept only when present.
+    # A detected category without a seed term is not reported unless the package trusts its query head ...
+    _, [untrusted] = OnePassAspectStage(model, categories, detect="auto").analyze([text], [None])
+    assert not any(a.kind == "category" and a.span is None for a in untrusted)
+    # ... and then only when present.
+    model.aspects = dataclasses.replace(model.aspects, categories_by_presence=True)
     _, [kept] = OnePassAspectStage(model, categories, detect="auto").analyze([text], [None])
     assert {"shipping/delivery", "price/value"} <= {a.aspect for a in kept if a.span is None}
     model.aspects = dataclasses.replace(model.aspects, presence_threshold=1.0)

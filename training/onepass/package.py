@@ -7,8 +7,9 @@ Steps, in order:
   2. export fp32 graphs and the INT8 encoder with fixed activation scales, calibrated on 1,024 *training* texts
      (seeded, every source);
   3. score every dev set through the fp32 and the INT8 graphs (ONNX Runtime, the same tokeniser as the worker);
-  4. parity: INT8 against fp32 label agreement for the document head, the tags and the span head (reported, and
-     the export refuses below ``--min-agreement``, ``ParityError``);
+  4. parity: INT8 against fp32 label agreement of the document head, the tags and the span head; the first
+     variant of ``variants`` (all-INT8, then more FFN MatMuls in fp32) that reaches ``GATE`` is kept, none:
+     ``ParityError``;
   5. temperatures fitted on the INT8 dev logits (document: SST-2 dev; spans: every ABSA dev term; queries: every
      dev category), thresholds by the document model's rule (``training.evaluate.choose_threshold``: remove half
      of the dev errors while abstaining as little as possible) on SST-2 dev and on the ABSA dev terms;
@@ -40,6 +41,15 @@ from training.onepass.train import OnePassOptions, base_path, tokenizer_for
 
 log = logging.getLogger("training.onepass.package")
 CALIBRATION_TEXTS = 1024
+# INT8/fp32 label agreement each variant must reach on the dev sets: the document model's head is binary (99%);
+# the span head is 3-class with many NEUTRAL/polar near-ties, so it gets the ABSA pair package's 98%.
+GATE = {"doc": 0.99, "tags": 0.99, "spans": 0.98}
+
+
+def variants(fp32_encoder: Path) -> list[tuple[str, list[str]]]:
+    return [("all-int8", []), ("fp32-ffn-out", _ffn_matmuls(fp32_encoder, ("output",))),
+            ("fp32-ffn-intermediate", _ffn_matmuls(fp32_encoder, ("intermediate",))),
+            ("fp32-ffn", _ffn_matmuls(fp32_encoder))]
 
 
 def load_trained(run: Path, base: str) -> OnePassModel:
@@ -67,7 +77,7 @@ def merged(parts: dict[str, Collected], names: list[str] | None = None) -> Colle
     return out
 
 
-def build(run: Path, output: Path, min_agreement: float = 0.99, limit: int | None = None) -> Path:
+def build(run: Path, output: Path, gate: dict[str, float] = GATE, limit: int | None = None) -> Path:
     options = OnePassOptions(out=run)
     base = base_path(options)
     tokenizer_json = Path(base) / "tokenizer.json"
@@ -83,9 +93,8 @@ def build(run: Path, output: Path, min_agreement: float = 0.99, limit: int | Non
     fp32 = onnx_scorer(fp32_encoder, heads, tokenizer)
     got_fp32 = {name: collect(fp32, rows) for name, rows in splits.dev.items()}
     all_fp32 = merged(got_fp32)
-    # All-INT8 first; if its labels drift from fp32, the FFN output MatMuls (where the MiniLM students' INT8
-    # error concentrates, training/export.py) stay fp32.
-    for variant, keep in (("all-int8", []), ("fp32-ffn-out", _ffn_matmuls(fp32_encoder, ("output",)))):
+    # All-INT8 first, then fp32 FFN MatMuls, the least first (the MiniLM students' INT8 error sits in the FFN).
+    for variant, keep in variants(fp32_encoder):
         int8_encoder = quantize_encoder(fp32_encoder, work / variant / "model.onnx", tokenizer, calibration, keep)
         int8 = onnx_scorer(int8_encoder, heads, tokenizer)
         got_int8 = {name: collect(int8, rows) for name, rows in splits.dev.items()}
@@ -95,10 +104,10 @@ def build(run: Path, output: Path, min_agreement: float = 0.99, limit: int | Non
                   "spans": agreement(all_fp32.span_logits, all_int8.span_logits),
                   "queries": agreement(all_fp32.query_logits, all_int8.query_logits)}
         log.info("%s: INT8/fp32 agreement %s", variant, parity)
-        if min(parity["doc"], parity["spans"]) >= min_agreement:
+        if all(parity[k] >= floor for k, floor in gate.items()):
             break
     else:
-        raise ParityError(f"INT8 label agreement below {min_agreement}: {parity}")
+        raise ParityError(f"no INT8 variant reaches the agreement gate {gate}: last {parity}")
     parity["variant"] = variant
 
     sst2 = got_int8["sst2"]
@@ -188,14 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, default=Path(".cache/onepass"))
     parser.add_argument("--output", type=Path, default=Path("models/sentiment-absa-en"))
-    parser.add_argument("--min-agreement", type=float, default=0.99)
+    parser.add_argument("--no-gate", action="store_true", help="take all-INT8 whatever its agreement (smoke runs)")
     parser.add_argument("--limit", type=int, default=None, help="score at most N rows per dev set (smoke runs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     # onnxruntime.quantization logs once per tensor through the root logger.
     logging.getLogger().addFilter(lambda r: "Quantization parameters for tensor" not in r.getMessage()
                                   and "pre-processing before quantization" not in r.getMessage())
-    build(args.run, args.output, args.min_agreement, args.limit)
+    build(args.run, args.output, {} if args.no_gate else GATE, args.limit)
 
 
 if __name__ == "__main__":
