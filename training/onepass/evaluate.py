@@ -25,6 +25,7 @@ from tokenizers import Encoding, Tokenizer
 from runtime.absa_models import decode_spans
 from training.absa.tagger import IGNORE, span_prf
 from training.onepass.data import Row
+from training.onepass.export import padded_feed
 from training.onepass.model import TAG_LABELS, OnePassModel
 from training.onepass.train import encode_texts, query_vectors, targets
 
@@ -70,14 +71,9 @@ def onnx_scorer(encoder_onnx: Path, heads_onnx: Path, tokenizer: Tokenizer, thre
 
     def run(texts: list[str]):
         encodings = tokenizer.encode_batch(texts)
-        width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(texts), width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for r, e in enumerate(encodings):
-            ids[r, : len(e.ids)] = e.ids
-            mask[r, : len(e.ids)] = 1
-        doc, tag, hidden, pooled = encoder.run(None, {"input_ids": ids, "attention_mask": mask})
-        return encodings, mask, doc, tag, hidden, pooled
+        feed = padded_feed(encodings)
+        doc, tag, hidden, pooled = encoder.run(None, feed)
+        return encodings, feed["attention_mask"], doc, tag, hidden, pooled
 
     def text(texts: list[str]):
         return run(texts)[:5]

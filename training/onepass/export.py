@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 from transformers import AutoModel
 
 from runtime.package import verify_package, write_manifest
@@ -86,14 +86,18 @@ def text_feeds(tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 32)
     """ONNX feeds for ``model.onnx``, length-sorted so padding is what the runtime would add."""
     ordered = sorted(texts, key=len)
     for lo in range(0, len(ordered), batch_size):
-        encodings = tokenizer.encode_batch(ordered[lo:lo + batch_size])
-        width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(encodings), width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for r, e in enumerate(encodings):
-            ids[r, : len(e.ids)] = e.ids
-            mask[r, : len(e.ids)] = 1
-        yield {"input_ids": ids, "attention_mask": mask}
+        yield padded_feed(tokenizer.encode_batch(ordered[lo:lo + batch_size]))
+
+
+def padded_feed(encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
+    """``input_ids`` and ``attention_mask`` [rows, longest row], zero-padded on the right."""
+    width = max(len(e.ids) for e in encodings)
+    ids = np.zeros((len(encodings), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for r, e in enumerate(encodings):
+        ids[r, : len(e.ids)] = e.ids
+        mask[r, : len(e.ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 # Fixed activation ranges from the extremes seen in calibration, not the 99.99th percentile the document model

@@ -10,8 +10,9 @@ Contract, per step (order matters for resume: the batch order of an epoch is a f
      and presence BCE with positives and negatives averaged separately (there are ~30 absent per present);
   4. AdamW step, linear warm-up/decay, gradient clipping 1.0.
 Every ``eval_every`` steps: dev scores (``evaluate.dev_scores``), and ``ckpt/last.pt`` written atomically with
-model, optimiser, scheduler, step and best score; the best state goes to ``best.pt``. ``--resume`` continues
-from ``last.pt``, skipping the batches of the interrupted epoch that were already trained.
+model, optimiser, scheduler, step and best score; the best state goes to ``best.pt``. A new run continues
+from ``last.pt`` (the default; ``--no-resume`` starts over), skipping the batches of the interrupted epoch that
+were already trained.
 """
 
 from __future__ import annotations
