@@ -29,7 +29,8 @@ from runtime.categories import load_category_config
 from runtime.inference import Classifier
 from runtime.onepass import OnePassClassifier
 from runtime.paths import DEFAULT_CATEGORIES, DEFAULT_MODEL_DIR
-from worker.absa import AspectStage, OnePassAspectStage
+from worker.absa import AspectStage
+from worker.onepass_stage import OnePassAspectStage
 
 BATCH = 32
 

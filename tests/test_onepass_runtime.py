@@ -20,8 +20,8 @@ from runtime.inference import Classifier
 from runtime.onepass import OnePassClassifier, load_document_model
 from runtime.package import PackageError
 from schemas import LabeledEvent
-from worker.absa import OnePassAspectStage
 from worker.decode import DecodeLimits, RecordMeta, decode_record
+from worker.onepass_stage import OnePassAspectStage
 from worker.pipeline import Labeler
 
 LIMITS = DecodeLimits(100_000, 1_000_000, 256)

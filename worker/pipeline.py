@@ -358,7 +358,8 @@ def build_aspect_stage(settings: WorkerSettings, threads: int,
     an error."""
     if not settings.absa_enabled:
         return None
-    from worker.absa import AspectStage, OnePassAspectStage
+    from worker.absa import AspectStage
+    from worker.onepass_stage import OnePassAspectStage
 
     def present(path: Path | None) -> Path | None:
         return path if path is not None and path.exists() else None
