@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             results["absa"]["reason"] = f"the ABSA stage failed to run: {exc!r}"
             default = full
+    results["onepass"] = onepass_row(texts[: args.absa_texts], results["absa"].get("classify_msgs_per_s"))
     peak = max(p["peak_gops"] for p in peaks)
     peak_cpu = max(p["gops_per_cpu_second"] for p in peaks)
     profile = model_gemm_profile(model_dir / "model.onnx")
@@ -285,6 +286,29 @@ def worst_case_batch(model_dir: Path) -> dict:
             "headroom": settings.max_poll_interval_s / max(times)}
 
 
+ONEPASS_PACKAGE = REPO / "models" / "sentiment-absa-en"
+
+
+def onepass_row(texts: list[str], today_classify: float | None) -> dict:
+    """Issue 14's cost bar on the same texts and harness as the ABSA row: the one-pass package (opt-in,
+    ``SENTIMENT_ONEPASS_MODEL_DIR``) with the worker's ABSA defaults against its own classify-only rate and
+    against today's classify-only rate."""
+    from bench.inprocess import run_ours
+
+    if not (ONEPASS_PACKAGE / "manifest.json").exists():
+        return {"reason": f"no one-pass package at {ONEPASS_PACKAGE}"}
+    log(f"one-pass package: classify + ABSA vs classify only, {len(texts)} texts")
+    with_absa = run_ours(ONEPASS_PACKAGE, texts, "pipeline", absa=None)
+    classify = run_ours(ONEPASS_PACKAGE, texts, "pipeline", absa=False)
+    log(f"  {with_absa['msgs_per_s']:.1f} vs {classify['msgs_per_s']:.1f} msgs/s")
+    worst = max(with_absa["batch_seconds"]) / statistics.median(with_absa["batch_seconds"])
+    return {"package": str(ONEPASS_PACKAGE), "texts": len(texts), "absa_msgs_per_s": with_absa["msgs_per_s"],
+            "classify_msgs_per_s": classify["msgs_per_s"],
+            "absa_vs_own_classify": with_absa["msgs_per_s"] / classify["msgs_per_s"],
+            "absa_vs_today_classify": with_absa["msgs_per_s"] / today_classify if today_classify else None,
+            "worst_batch_over_median": worst}
+
+
 def build_summary(r: dict) -> dict:
     inproc = r["inprocess"]["msgs_per_s"]
     kafka = r.get("kafka", {})
@@ -323,6 +347,8 @@ def build_summary(r: dict) -> dict:
         "batch_wait_ms": batch_wait, "batch_compute_ms": batch_compute,
         "p99_budget_ms": batch_wait + 2 * batch_compute,
         "absa_overhead": r["absa"]["overhead"],
+        "onepass_absa_vs_own_classify": r.get("onepass", {}).get("absa_vs_own_classify"),
+        "onepass_absa_vs_today_classify": r.get("onepass", {}).get("absa_vs_today_classify"),
         "rss_mb": max(rss) if rss else None,
         "cold_start_s": r.get("cold_start", {}).get("cold_start_s"),
         "http_p50_ms_at_50pct_load_with_stream_at_50pct": r.get("http", {}).get("http_p50_ms"),
