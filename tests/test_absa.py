@@ -237,3 +237,11 @@ def test_a_term_mentioned_three_times_is_one_aspect_with_three_spans(stage: Aspe
     assert len(battery) == 1
     assert battery[0].spans == [(4, 11), (34, 41), (63, 70)] and battery[0].span == (4, 11)
     assert battery[0].kind == "term" and battery[0].origin == "tagger"
+
+
+def test_categories_and_terms_are_told_apart_by_kind(stage: AspectStage) -> None:
+    # Issue 14: aspect lists mixed category names with raw terms, told apart only by origin (a requested
+    # category and a requested term both had origin "request").
+    [[category, term]] = stage(batch_of(("Way too expensive, and the keyboard is awful.", ["price/value", "keyboard"])))
+    assert (category.aspect, category.origin, category.kind) == ("price/value", "request", "category")
+    assert (term.aspect, term.origin, term.kind) == ("keyboard", "request", "term")

@@ -108,3 +108,30 @@ def test_the_export_writes_two_graphs_whose_scores_do_not_depend_on_the_batch(ti
 def test_agreement_compares_logit_rows_by_argmax_and_tag_ids_elementwise():
     assert agreement([np.array([0.1, 0.9]), np.array([2.0, 1.0])], [np.array([0.2, 0.3]), np.array([0.0, 1.0])]) == 0.5
     assert agreement([np.array([0, 1, 2])], [np.array([0, 1, 1])]) == pytest.approx(2 / 3)
+
+
+def test_a_run_stopped_after_one_step_resumes_into_the_same_weights(tiny_encoder, tmp_path):
+    from training.onepass.data import Splits
+    from training.onepass.train import OnePassOptions, train
+
+    absa = [Row("The pasta was great but the waiter was rude.", "restaurants", tagged=True,
+                tag_spans=[(4, 9), (28, 34)], terms=[((4, 9), 2), ((28, 34), 0)],
+                queries=[("pasta", 2), ("waiter", 0), ("food", 2)], category_set=("food", "service")),
+            Row("Battery life is short.", "laptops", tagged=True, tag_spans=[(0, 12)], terms=[((0, 12), 0)],
+                queries=[("Battery life", 0)])]
+    docs = [Row("A dull film.", "sst2", doc_label=0), Row("A joyous, moving film.", "sst2", doc_label=1)]
+    splits = Splits(absa + docs, {"sst2": docs[:1], "semeval14-restaurants-devcut": absa[:1]}, {})
+
+    def run(out: Path, max_minutes: float) -> dict:
+        options = OnePassOptions(out=out, base=str(tiny_encoder), max_length=32, batch_size=2, epochs=2.0,
+                                 eval_every=1, max_minutes=max_minutes)
+        train(options, splits)
+        return torch.load(out / "ckpt" / "last.pt", map_location="cpu", weights_only=False)
+
+    whole = run(tmp_path / "whole", 1e9)
+    stopped = run(tmp_path / "cut", 0.0)  # out of time after its first step: checkpoint, stop
+    assert (whole["step"], stopped["step"]) == (4, 1)
+    resumed = run(tmp_path / "cut", 1e9)
+    assert resumed["step"] == 4 and [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.absa import data as absa_data
-from training.distill.mix import BLITZER_DOMAINS, MixConfig, build_mix
+from training.distill.mix import BLITZER_DOMAINS, MixConfig, _key, build_mix
 
 POLARITIES = ["NEGATIVE", "NEUTRAL", "POSITIVE"]
 DOC_LABELS = ["NEGATIVE", "POSITIVE"]
@@ -51,10 +51,6 @@ class Splits:
     train: list[Row]
     dev: dict[str, list[Row]]
     notes: dict[str, object]
-
-
-def _key(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def absa_row(sentence: absa_data.AbsaSentence, source: str, tagged: bool, category_set: tuple[str, ...],

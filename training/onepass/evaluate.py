@@ -28,6 +28,7 @@ from training.onepass.data import Row
 from training.onepass.export import padded_feed
 from training.onepass.model import TAG_LABELS, OnePassModel
 from training.onepass.train import encode_texts, query_vectors, targets
+from training.train import classification_scores
 
 BATCH = 64
 
@@ -137,16 +138,6 @@ def collect(scorer: Scorer, rows: list[Row]) -> Collected:
     return out
 
 
-def macro_f1(pred: np.ndarray, gold: np.ndarray, classes: int = 3) -> float:
-    f1s = []
-    for c in range(classes):
-        tp = float(((pred == c) & (gold == c)).sum())
-        p = tp / max(1.0, float((pred == c).sum()))
-        r = tp / max(1.0, float((gold == c).sum()))
-        f1s.append(2 * p * r / (p + r) if p + r else 0.0)
-    return float(np.mean(f1s))
-
-
 def summarize(c: Collected, n: int) -> dict[str, float]:
     out: dict[str, float] = {"n": n}
     if c.doc_gold:
@@ -155,9 +146,9 @@ def summarize(c: Collected, n: int) -> dict[str, float]:
         prf = span_prf(c.pred_spans, c.gold_spans)
         out.update({f"tag_{k}": round(float(prf[k]), 4) for k in ("f1", "precision", "recall")})
     if c.span_gold:
-        p, g = np.stack(c.span_logits).argmax(1), np.array(c.span_gold)
-        out.update(span_accuracy=round(float((p == g).mean()), 4), span_macro_f1=round(macro_f1(p, g), 4),
-                   span_n=len(g))
+        spans = classification_scores(np.stack(c.span_logits), np.array(c.span_gold), 3)
+        out.update(span_accuracy=round(spans["accuracy"], 4), span_macro_f1=round(spans["macro_f1"], 4),
+                   span_n=len(c.span_gold))
     if c.query_gold:
         p, g = np.stack(c.query_logits).argmax(1), np.array(c.query_gold)
         presence = (np.array(c.presence_logits) > 0) == np.array(c.presence_gold).astype(bool)

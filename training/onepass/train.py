@@ -10,7 +10,7 @@ Contract, per step (order matters for resume: the batch order of an epoch is a f
      and presence BCE with positives and negatives averaged separately (there are ~30 absent per present);
   4. AdamW step, linear warm-up/decay, gradient clipping 1.0.
 Every ``eval_every`` steps: dev scores (``evaluate.dev_scores``), and ``ckpt/last.pt`` written atomically with
-model, optimiser, scheduler, step and best score; the best state goes to ``best.pt``. A new run continues
+model, optimiser, scheduler, RNG states, step and best score; the best state goes to ``best.pt``. A new run continues
 from ``last.pt`` (the default; ``--no-resume`` starts over), skipping the batches of the interrupted epoch that
 were already trained.
 """
@@ -33,6 +33,8 @@ from torch import nn
 from transformers import AutoModel
 
 from training.absa.tagger import IGNORE, token_labels
+from training.distill.checkpoint import rng_state, set_rng_state
+from training.distill.mix import _key
 from training.onepass.data import Row, Splits, build_splits
 from training.onepass.model import OnePassModel
 from training.train import length_grouped_batches, linear_schedule, set_seed
@@ -93,10 +95,6 @@ def encode_texts(model: OnePassModel, tokenizer: Tokenizer, texts: list[str]) ->
     return encodings, ids, mask, model.text(ids, mask)
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 @dataclass
 class BatchTargets:
     doc: torch.Tensor  # [B] −1 = none
@@ -131,11 +129,11 @@ def targets(rows: list[Row], encodings: list[Encoding], width: int) -> BatchTarg
     presence = torch.full((b, len(queries)), -1, dtype=torch.long)
     polarity = torch.full((b, len(queries)), IGNORE, dtype=torch.long)
     for i, row in enumerate(rows):
-        text = _norm(row.text)
+        text = _key(row.text)
         for q in queries:
             if q in row.category_set:
                 presence[i, index[q]] = 0
-            elif q not in categories and _norm(q) not in text:
+            elif q not in categories and _key(q) not in text:
                 presence[i, index[q]] = 0  # a term of another text whose words this text does not contain
         for q, label in row.queries:
             presence[i, index[q]] = 1
@@ -219,6 +217,7 @@ def train(options: OnePassOptions, splits: Splits, resume: bool = True) -> OnePa
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, best, history = state["step"], state["best"], state["history"]
+        set_rng_state(state["rng"])  # dropout masks continue where they stopped: the same run as uninterrupted
         log.info("resumed at step %d (best %.4f)", step, best)
     started = time.perf_counter()
     model.train()
@@ -249,7 +248,8 @@ def train(options: OnePassOptions, splits: Splits, resume: bool = True) -> OnePa
                     best = score
                     save_atomic({"model": model.state_dict(), "step": step}, options.out / "best.pt")
                 save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "step": step, "best": best, "history": history,
+                             "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step, "best": best,
+                             "history": history,
                              "options": {k: str(v) for k, v in asdict(options).items()}}, ckpt)
             if step >= total or out_of_time:
                 break
