@@ -76,11 +76,12 @@ class AspectSettings:
     query_temperature: float
     aspect_threshold: float
     presence_threshold: float
-    # Whether auto-detection reports a configured category with no seed term in the text when the query head
-    # says present. Off unless the package's report shows the head is reliable on categories it never trained on
-    # (sentiment-absa-en, trained on restaurant categories only, said "customer service" present at 0.96-0.99 in
-    # texts that do not mention it).
-    categories_by_presence: bool = False
+    # The category queries whose presence the query head learned (silver rows of the configured categories at
+    # training time): auto-detection reports such a category with no seed term in the text when the head says
+    # present. Any other category is detected by seed term only: on queries it never trained on the head is not
+    # reliable (trained on restaurant categories only, it said "customer service" present at 0.96-0.99 in texts
+    # that do not mention it).
+    presence_queries: frozenset[str] = frozenset()
 
     @classmethod
     def parse(cls, raw: bytes, where: Path) -> AspectSettings:
@@ -88,7 +89,8 @@ class AspectSettings:
             data = json.loads(raw)
             settings = cls(list(data["polarity_labels"]), list(data["tag_labels"]), float(data["span_temperature"]),
                            float(data["query_temperature"]), float(data["aspect_threshold"]),
-                           float(data["presence_threshold"]), bool(data.get("categories_by_presence", False)))
+                           float(data["presence_threshold"]),
+                           frozenset(str(q) for q in data.get("presence_queries", ())))
         except (ValueError, KeyError, TypeError) as exc:
             raise PackageError(f"{where}: invalid {ASPECTS_FILE}: {exc!r}") from exc
         if settings.span_temperature <= 0 or settings.query_temperature <= 0 or len(settings.polarity_labels) != 3:

@@ -210,7 +210,8 @@ def test_a_requested_absent_aspect_is_answered_by_the_query_head_with_presence(p
     _, [untrusted] = OnePassAspectStage(model, categories, detect="auto").analyze([text], [None])
     assert not any(a.kind == "category" and a.span is None for a in untrusted)
     # ... and then only when present.
-    model.aspects = dataclasses.replace(model.aspects, categories_by_presence=True)
+    model.aspects = dataclasses.replace(model.aspects,
+                                        presence_queries=frozenset(c.query for c in categories.categories))
     _, [kept] = OnePassAspectStage(model, categories, detect="auto").analyze([text], [None])
     assert {"shipping/delivery", "price/value"} <= {a.aspect for a in kept if a.span is None}
     model.aspects = dataclasses.replace(model.aspects, presence_threshold=1.0)

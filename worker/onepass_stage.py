@@ -137,8 +137,8 @@ class OnePassAspectStage:
             if category.name.casefold() in names:
                 continue
             spans = [(m.start(), m.end()) for m in itertools.islice(category.pattern.finditer(text), MAX_MENTIONS)]
-            if not spans and not self.classifier.aspects.categories_by_presence:
-                continue  # the package does not trust its query head on categories without a term
+            if not spans and category.query not in self.classifier.aspects.presence_queries:
+                continue  # the query head never learned this category's presence: a seed term is needed
             out.append(_Aspect(category.name, "category", "category", spans, category.query,
                                self._threshold(category), optional=not spans))
         held = [s for a in (*taken, *out) for s in a.spans]

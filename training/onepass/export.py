@@ -124,7 +124,7 @@ def export_package(model: OnePassModel, tokenizer_json: Path, out: Path, *, name
                    quantize: bool = True, calibration_texts: Sequence[str] = (), max_length: int = 128,
                    doc_temperature: float = 1.0, doc_threshold: float = 0.0, span_temperature: float = 1.0,
                    query_temperature: float = 1.0, aspect_threshold: float = 0.0, presence_threshold: float = 0.5,
-                   categories_by_presence: bool = False,
+                   presence_queries: Sequence[str] = (),
                    metrics: Sequence[MetricRecord] = (), report: str = "", training: dict | None = None,
                    base_encoder: str = "all-MiniLM-L6-v2", work_dir: Path | None = None,
                    keep_fp32: Sequence[str] = ()) -> Path:
@@ -152,7 +152,7 @@ def export_package(model: OnePassModel, tokenizer_json: Path, out: Path, *, name
         "polarity_labels": POLARITIES, "tag_labels": TAG_LABELS, "span_temperature": span_temperature,
         "query_temperature": query_temperature, "aspect_threshold": aspect_threshold,
         "presence_threshold": presence_threshold,
-        "categories_by_presence": categories_by_presence}, indent=2) + "\n", encoding="utf-8")
+        "presence_queries": sorted(presence_queries)}, indent=2) + "\n", encoding="utf-8")
     (staging / "report.md").write_text(report or f"# {name}\n", encoding="utf-8")
     manifest = ModelManifest(
         name=name, version=new_version(), task="one-pass", labels=list(DOC_LABELS), max_length=max_length,

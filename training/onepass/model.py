@@ -6,9 +6,10 @@ Contract (the two ONNX graphs of the package mirror the two modules):
     (the shared token states) and ``pooled`` [B, H] (their masked mean). ``token_type_ids`` are all zero (one
     segment), so they are not an input.
   * ``AspectHeads.forward(hidden, attention_mask, span_mask, queries)``:
-      - ``span_logits`` [B, S, 3]: each span's mean token state (``span_mask`` [B, S, L], 1 on the span's tokens)
-        next to the document state → MLP → NEGATIVE / NEUTRAL / POSITIVE. n aspects found in a text cost one
-        encoder pass plus this head.
+      - ``span_logits`` [B, S, 3]: each span's mean token state (``span_mask`` [B, S, L], 1 on the span's tokens),
+        the context it attends to (the span's mean as the query over the text's tokens: the opinion words about
+        *this* aspect, which a sentence with two aspects of opposite polarity needs) and the document state →
+        MLP → NEGATIVE / NEUTRAL / POSITIVE. n aspects found in a text cost one encoder pass plus this head.
       - ``query_logits`` [B, Q, 4]: for each query vector (``queries`` [Q, H]: the ``pooled`` state of the
         query's own words, a category phrase or a requested aspect, computed once per distinct query and cached),
         attention over the text's tokens → pooled evidence next to the query and the document state → MLP →
@@ -60,26 +61,30 @@ class AspectHeads(nn.Module):
     def __init__(self, hidden: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.scale = 1.0 / math.sqrt(hidden)
-        self.span_mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * hidden, hidden), nn.GELU(),
+        self.span_mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(3 * hidden, hidden), nn.GELU(),
                                       nn.Dropout(dropout), nn.Linear(hidden, 3))
         self.key = nn.Linear(hidden, hidden)
         self.query = nn.Linear(hidden, hidden)
+        self.span_query = nn.Linear(hidden, hidden)
         self.query_mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(3 * hidden, hidden), nn.GELU(),
                                        nn.Dropout(dropout), nn.Linear(hidden, 4))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, span_mask: torch.Tensor,
                 queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         doc = masked_mean(hidden, attention_mask)  # [B, H]
+        keys = self.key(hidden)  # [B, L, H]
+        # Padding may not receive attention: a large negative, not -inf, so an all-padding row stays finite.
+        padding = (1.0 - attention_mask.to(hidden.dtype)).unsqueeze(1) * -1e4  # [B, 1, L]
+
         spans = torch.matmul(span_mask.to(hidden.dtype), hidden)  # [B, S, H]
         spans = spans / span_mask.to(hidden.dtype).sum(dim=-1, keepdim=True).clamp(min=1.0)
-        span_in = torch.cat([spans, doc.unsqueeze(1).expand(-1, spans.shape[1], -1)], dim=-1)
+        span_scores = torch.matmul(self.span_query(spans), keys.transpose(1, 2)) * self.scale + padding  # [B, S, L]
+        context = torch.matmul(torch.softmax(span_scores, dim=-1), hidden)  # [B, S, H]
+        span_in = torch.cat([spans, context, doc.unsqueeze(1).expand(-1, spans.shape[1], -1)], dim=-1)
         span_logits = self.span_mlp(span_in)
 
-        keys = self.key(hidden)  # [B, L, H]
         q = self.query(queries)  # [Q, H]
-        scores = torch.matmul(keys, q.transpose(0, 1)).transpose(1, 2) * self.scale  # [B, Q, L]
-        # Padding may not receive attention: a large negative, not -inf, so an all-padding row stays finite.
-        scores = scores + (1.0 - attention_mask.to(hidden.dtype)).unsqueeze(1) * -1e4
+        scores = torch.matmul(keys, q.transpose(0, 1)).transpose(1, 2) * self.scale + padding  # [B, Q, L]
         evidence = torch.matmul(torch.softmax(scores, dim=-1), hidden)  # [B, Q, H]
         b, n = evidence.shape[0], evidence.shape[1]
         query_in = torch.cat([evidence, queries.unsqueeze(0).expand(b, -1, -1),

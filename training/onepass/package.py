@@ -33,6 +33,7 @@ from schemas import MetricRecord
 from training.calibrate import confidence_reference, fit_temperature
 from training.evaluate import choose_threshold
 from training.export import ParityError, _ffn_matmuls
+from training.onepass import silver
 from training.onepass.data import build_splits
 from training.onepass.evaluate import Collected, collect, onnx_scorer, summarize
 from training.onepass.export import export_graphs, export_package, quantize_encoder
@@ -83,7 +84,8 @@ def build(run: Path, output: Path, gate: dict[str, float] = GATE, limit: int | N
     tokenizer_json = Path(base) / "tokenizer.json"
     tokenizer = tokenizer_for(base, options.max_length)
     model = load_trained(run, base)
-    splits = build_splits()
+    trained_with = json.loads((run / "options.json").read_text()) if (run / "options.json").exists() else {}
+    splits = build_splits(silver_path=Path(trained_with["silver"]) if trained_with.get("silver") else None)
     if limit:  # smoke runs
         splits.dev = {k: v[:limit] for k, v in splits.dev.items()}
     rng = random.Random(0)
@@ -137,6 +139,7 @@ def build(run: Path, output: Path, gate: dict[str, float] = GATE, limit: int | N
         model, tokenizer_json, output, calibration_texts=calibration, max_length=options.max_length,
         doc_temperature=doc_t, doc_threshold=doc_choice.threshold, span_temperature=span_t,
         query_temperature=query_t, aspect_threshold=span_choice.threshold, metrics=metrics, report=report,
+        presence_queries=sorted({q for r in splits.train if r.source == silver.SOURCE for q in r.category_set}),
         keep_fp32=keep, training={"history": history, "train_rows": splits.notes["train_by_source"], "parity": parity,
                   "doc_threshold_rule": doc_choice.rule, "options": {k: str(v) for k, v in options.__dict__.items()}},
         work_dir=work / "final")
@@ -160,8 +163,10 @@ def render_report(scores: dict, parity: dict, doc_t: float, span_t: float, query
                   history: list[dict], notes: dict) -> str:
     lines = ["# sentiment-absa-en: document + aspects from one encoder pass (INT8)", "",
              "MiniLM-L6 (all-MiniLM-L6-v2) with four heads: document (NEGATIVE/POSITIVE, mean pooling), BIO aspect "
-             "tags, span polarity (mean of the span's token states + document state), query polarity + presence "
-             "(attention of a query vector over the tokens). Trained on gold labels only (no teacher yet): "
+             "tags, span polarity (mean of the span's token states, the context it attends to, document state), "
+             "query polarity + presence (attention of a query vector over the tokens). Trained on gold labels and "
+             "silver category rows (the shipped pair classifier + embedder on Blitzer training-review sentences, "
+             f"`training/onepass/silver.py`, sha256 {notes.get('silver_sha256')}): "
              f"{json.dumps(notes['train_by_source'])}.", "",
              "## Dev, INT8 (served graphs) and fp32", "",
              "| dev set | n | doc acc | tag F1 (P/R) | span acc | span macro-F1 | category acc | presence acc |"

@@ -35,6 +35,7 @@ from transformers import AutoModel
 from training.absa.tagger import IGNORE, token_labels
 from training.distill.checkpoint import rng_state, set_rng_state
 from training.distill.mix import _key
+from training.onepass import silver
 from training.onepass.data import Row, Splits, build_splits
 from training.onepass.model import OnePassModel
 from training.train import length_grouped_batches, linear_schedule, set_seed
@@ -56,6 +57,7 @@ class OnePassOptions:
     seed: int = 0
     threads: int = 2
     limit: int | None = None  # smoke runs: at most N training rows and N dev rows per set
+    silver: Path | None = silver.DEFAULT_PATH  # silver category rows (built when absent); None: gold only
 
 
 def base_path(options: OnePassOptions) -> str:
@@ -219,6 +221,10 @@ def train(options: OnePassOptions, splits: Splits, resume: bool = True) -> OnePa
         step, best, history = state["step"], state["best"], state["history"]
         set_rng_state(state["rng"])  # dropout masks continue where they stopped: the same run as uninterrupted
         log.info("resumed at step %d (best %.4f)", step, best)
+    # What the package step needs to rebuild the same rows (it reads the silver choice from here).
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "options.json").write_text(json.dumps({k: str(v) if v is not None else None
+                                                         for k, v in asdict(options).items()}, indent=1))
     started = time.perf_counter()
     model.train()
     while step < total:
@@ -281,11 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-minutes", type=float, default=OnePassOptions.max_minutes)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--no-silver", action="store_true", help="gold rows only (no silver category rows)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     options = OnePassOptions(out=args.out, epochs=args.epochs, eval_every=args.eval_every,
-                             max_minutes=args.max_minutes, limit=args.limit)
-    splits = build_splits()
+                             max_minutes=args.max_minutes, limit=args.limit,
+                             silver=None if args.no_silver else OnePassOptions.silver)
+    splits = build_splits(silver_path=silver.ensure(options.silver) if options.silver else None)
     log.info("train %d rows %s; dev %s", len(splits.train), splits.notes["train_by_source"],
              {k: len(v) for k, v in splits.dev.items()})
     train(options, splits, resume=not args.no_resume)
