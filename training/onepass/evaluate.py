@@ -6,8 +6,9 @@ Per set (keys present only when the set has that gold):
   * ``tag_f1`` / ``tag_precision`` / ``tag_recall``: exact [start, end) spans decoded per word
     (``runtime.absa_models.decode_spans``), micro over sentences: the SemEval-2014 extraction convention;
   * ``span_accuracy`` / ``span_macro_f1``: polarity of every gold term through the span head (gold spans);
-  * ``query_accuracy``: polarity of every annotated category through the query head;
-    ``presence_accuracy``: present/absent at logit 0 over the source's whole category set.
+  * ``query_accuracy``: polarity of every annotated category through the query head (silver rows: only where the
+    teacher gave one); ``presence_accuracy`` / ``_precision`` / ``_recall``: present/absent at logit 0 over the
+    source's whole category set.
 ``collect`` keeps the raw logits too, so the package step fits temperatures and thresholds on them.
 """
 
@@ -132,7 +133,7 @@ def collect(scorer: Scorer, rows: list[Row]) -> Collected:
                 present = int(gold.presence[i, k]) == 1
                 out.presence_logits.append(float(query_logits[i, k, 0]))
                 out.presence_gold.append(int(present))
-                if present:
+                if present and int(gold.polarity[i, k]) != IGNORE:  # silver: present, polarity unknown
                     out.query_logits.append(query_logits[i, k, 1:])
                     out.query_gold.append(int(gold.polarity[i, k]))
     return out
@@ -151,9 +152,12 @@ def summarize(c: Collected, n: int) -> dict[str, float]:
                    span_n=len(c.span_gold))
     if c.query_gold:
         p, g = np.stack(c.query_logits).argmax(1), np.array(c.query_gold)
-        presence = (np.array(c.presence_logits) > 0) == np.array(c.presence_gold).astype(bool)
-        out.update(query_accuracy=round(float((p == g).mean()), 4), query_n=len(g),
-                   presence_accuracy=round(float(presence.mean()), 4))
+        out.update(query_accuracy=round(float((p == g).mean()), 4), query_n=len(g))
+    if c.presence_gold:
+        said, gold = np.array(c.presence_logits) > 0, np.array(c.presence_gold).astype(bool)
+        out.update(presence_accuracy=round(float((said == gold).mean()), 4),
+                   presence_precision=round(float((said & gold).sum() / max(1, said.sum())), 4),
+                   presence_recall=round(float((said & gold).sum() / max(1, gold.sum())), 4))
     return out
 
 

@@ -114,7 +114,8 @@ def build(run: Path, output: Path, gate: dict[str, float] = GATE, limit: int | N
 
     sst2 = got_int8["sst2"]
     doc_t = fit_temperature(np.stack(sst2.doc_logits), sst2.doc_gold)
-    absa = merged(got_int8, [n for n in got_int8 if not n.startswith(("sst2", "blitzer"))])
+    # Gold ABSA sets only: the silver dev set checks imitation of the teacher, it does not calibrate.
+    absa = merged(got_int8, [n for n in got_int8 if not n.startswith(("sst2", "blitzer", silver.SOURCE))])
     span_t = fit_temperature(np.stack(absa.span_logits), absa.span_gold)
     query_t = fit_temperature(np.stack(absa.query_logits), absa.query_gold)
     doc_probs = softmax(np.stack(sst2.doc_logits), doc_t)
@@ -169,7 +170,7 @@ def render_report(scores: dict, parity: dict, doc_t: float, span_t: float, query
              f"`training/onepass/silver.py`, sha256 {notes.get('silver_sha256')}): "
              f"{json.dumps(notes['train_by_source'])}.", "",
              "## Dev, INT8 (served graphs) and fp32", "",
-             "| dev set | n | doc acc | tag F1 (P/R) | span acc | span macro-F1 | category acc | presence acc |"
+             "| dev set | n | doc acc | tag F1 (P/R) | span acc | span macro-F1 | category acc | presence acc (P/R) |"
              " UNCERTAIN doc / span |", "|---|---|---|---|---|---|---|---|---|"]
 
     def cell(s: dict, key: str) -> str:
@@ -179,9 +180,11 @@ def render_report(scores: dict, parity: dict, doc_t: float, span_t: float, query
         f = scores["fp32"][name]
         tag = (f"{cell(s, 'tag_f1')} ({cell(s, 'tag_precision')}/{cell(s, 'tag_recall')}); fp32 {cell(f, 'tag_f1')}"
                if "tag_f1" in s else "–")
+        presence = (f"{cell(s, 'presence_accuracy')} ({cell(s, 'presence_precision')}/{cell(s, 'presence_recall')})"
+                    if "presence_accuracy" in s else "–")
         lines.append(f"| {name} | {s['n']} | {cell(s, 'doc_accuracy')} (fp32 {cell(f, 'doc_accuracy')}) | {tag} | "
                      f"{cell(s, 'span_accuracy')} (fp32 {cell(f, 'span_accuracy')}) | {cell(s, 'span_macro_f1')} | "
-                     f"{cell(s, 'query_accuracy')} | {cell(s, 'presence_accuracy')} | "
+                     f"{cell(s, 'query_accuracy')} | {presence} | "
                      f"{cell(s, 'doc_uncertain')} / {cell(s, 'span_uncertain')} |")
     lines += ["", "## INT8 against fp32 (label agreement on every dev set)", "",
               f"Variant: {parity['variant']}.", "",
