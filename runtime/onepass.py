@@ -5,7 +5,8 @@ Package (``training/onepass/export.py`` writes it; ``task`` is ``one-pass``):
     [B, L, 3] (O, B-ASP, I-ASP), ``hidden`` [B, L, H], ``pooled`` [B, H];
   * ``heads.onnx`` (fp32): ``hidden``, ``attention_mask``, ``span_mask`` [B, S, L], ``queries`` [Q, H] →
     ``span_logits`` [B, S, 3], ``query_logits`` [B, Q, 4] (presence logit, then the polarities);
-  * ``aspects.json``: polarity and tag labels, span / query temperatures, aspect and presence thresholds.
+  * ``aspects.json``: polarity and tag labels, span / query temperatures, aspect and presence thresholds, and
+    ``presence_queries`` (the category queries detected by presence alone; absent: none).
 
 Contract:
   * ``OnePassClassifier`` IS a ``Classifier`` (``predict`` is the document model: same windows, aggregation and
@@ -66,6 +67,12 @@ QUERY_CELLS = 1 << 18
 Span = tuple[int, int]
 
 
+def _strings(value: object, key: str) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{key} must be a list of strings, not {value!r}")
+    return frozenset(value)
+
+
 @dataclass(frozen=True)
 class AspectSettings:
     """``aspects.json``."""
@@ -77,10 +84,10 @@ class AspectSettings:
     aspect_threshold: float
     presence_threshold: float
     # The category queries whose presence the query head learned (silver rows of the configured categories at
-    # training time): auto-detection reports such a category with no seed term in the text when the head says
-    # present. Any other category is detected by seed term only: on queries it never trained on the head is not
-    # reliable (trained on restaurant categories only, it said "customer service" present at 0.96-0.99 in texts
-    # that do not mention it).
+    # training time, kept where held-out precision and recall cleared the package step's floor): auto-detection
+    # reports such a category with no seed term in the text when the head says present. Any other category is
+    # detected by seed term only: on queries it never trained on the head is not reliable (trained on restaurant
+    # categories only, it said "customer service" present at 0.96-0.99 in texts that do not mention it).
     presence_queries: frozenset[str] = frozenset()
 
     @classmethod
@@ -90,7 +97,7 @@ class AspectSettings:
             settings = cls(list(data["polarity_labels"]), list(data["tag_labels"]), float(data["span_temperature"]),
                            float(data["query_temperature"]), float(data["aspect_threshold"]),
                            float(data["presence_threshold"]),
-                           frozenset(str(q) for q in data.get("presence_queries", ())))
+                           _strings(data.get("presence_queries", []), "presence_queries"))
         except (ValueError, KeyError, TypeError) as exc:
             raise PackageError(f"{where}: invalid {ASPECTS_FILE}: {exc!r}") from exc
         if settings.span_temperature <= 0 or settings.query_temperature <= 0 or len(settings.polarity_labels) != 3:

@@ -17,7 +17,7 @@ import pytest
 
 from runtime.categories import load_category_config
 from runtime.inference import Classifier
-from runtime.onepass import OnePassClassifier, load_document_model
+from runtime.onepass import AspectSettings, OnePassClassifier, load_document_model
 from runtime.package import PackageError
 from schemas import LabeledEvent
 from worker.decode import DecodeLimits, RecordMeta, decode_record
@@ -209,7 +209,11 @@ def test_a_requested_absent_aspect_is_answered_by_the_query_head_with_presence(p
     # A detected category without a seed term is not reported unless the package trusts its query head ...
     _, [untrusted] = OnePassAspectStage(model, categories, detect="auto").analyze([text], [None])
     assert not any(a.kind == "category" and a.span is None for a in untrusted)
-    # ... and then only when present.
+    # ... and then only the categories whose query it lists, and only when present.
+    delivery = categories.by_name("shipping/delivery").query
+    model.aspects = dataclasses.replace(model.aspects, presence_queries=frozenset({delivery}))
+    _, [one] = OnePassAspectStage(model, categories, detect="auto").analyze([text], [None])
+    assert [a.aspect for a in one if a.span is None] == ["shipping/delivery"]
     model.aspects = dataclasses.replace(model.aspects,
                                         presence_queries=frozenset(c.query for c in categories.categories))
     _, [kept] = OnePassAspectStage(model, categories, detect="auto").analyze([text], [None])
@@ -237,6 +241,18 @@ def test_labeler_events_validate_and_carry_the_new_fields(package, categories):
     assert events[0].model.name == "tiny-onepass"
     schema = json.loads((Path(__file__).parent.parent / "schemas/json/AspectSentiment.json").read_text())
     assert {"kind", "spans", "mentioned", "presence"} <= set(schema["properties"])
+
+
+@pytest.mark.parametrize("value", ["price", [1, 2], {"price": True}])
+def test_presence_queries_must_be_a_list_of_strings(value):
+    raw = json.dumps({"polarity_labels": ["NEGATIVE", "NEUTRAL", "POSITIVE"], "tag_labels": ["O", "B-ASP", "I-ASP"],
+                      "span_temperature": 1.0, "query_temperature": 1.0, "aspect_threshold": 0.5,
+                      "presence_threshold": 0.5, "presence_queries": value}).encode()
+    with pytest.raises(PackageError, match="presence_queries"):
+        AspectSettings.parse(raw, Path("pkg"))
+    old = json.loads(raw)
+    del old["presence_queries"]  # a package from before the field: nothing detected by presence alone
+    assert AspectSettings.parse(json.dumps(old).encode(), Path("pkg")).presence_queries == frozenset()
 
 
 def test_a_package_of_another_task_is_refused(tiny_model):

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModel
 
 from training.absa.data import AbsaSentence, AspectTerm
+from training.absa.tagger import IGNORE
 from training.onepass.data import Row, absa_row
 from training.onepass.export import export_package
 from training.onepass.model import OnePassModel
@@ -60,6 +61,18 @@ def test_presence_gold_is_absent_only_where_the_source_says_so(tokenizer):
     assert gold.presence[2, q["service"]] == -1 and gold.presence[2, q["Battery life"]] == 0
     assert gold.doc.tolist() == [-1, -1, 0]
     assert gold.span_mask[0, 0].sum() >= 1 and gold.span_labels[2].tolist() == [-100]
+
+
+def test_a_silver_row_trains_presence_everywhere_and_polarity_only_where_the_teacher_was_sure(tokenizer):
+    sure = Row("Way too expensive.", "silver-categories", queries=[("price", 0)],
+               category_set=("delivery", "price"))
+    unsure = Row("It came in a week.", "silver-categories", queries=[("delivery", IGNORE)],
+                 category_set=("delivery", "price"))
+    encodings = tokenizer.encode_batch([sure.text, unsure.text])
+    gold = targets([sure, unsure], encodings, max(len(e.ids) for e in encodings))
+    q = {name: k for k, name in enumerate(gold.queries)}
+    assert gold.presence[:, q["price"]].tolist() == [1, 0] and gold.presence[:, q["delivery"]].tolist() == [0, 1]
+    assert gold.polarity[0, q["price"]] == 0 and gold.polarity[1, q["delivery"]] == IGNORE
 
 
 def test_a_span_mask_covers_exactly_the_span_tokens_after_an_emoji(tokenizer):

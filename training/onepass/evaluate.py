@@ -103,6 +103,7 @@ class Collected:
     query_gold: list[int] = field(default_factory=list)
     presence_logits: list[float] = field(default_factory=list)  # every (row, category of its set)
     presence_gold: list[int] = field(default_factory=list)
+    presence_query: list[str] = field(default_factory=list)  # which query each presence entry asked
 
 
 def collect(scorer: Scorer, rows: list[Row]) -> Collected:
@@ -133,6 +134,7 @@ def collect(scorer: Scorer, rows: list[Row]) -> Collected:
                 present = int(gold.presence[i, k]) == 1
                 out.presence_logits.append(float(query_logits[i, k, 0]))
                 out.presence_gold.append(int(present))
+                out.presence_query.append(q)
                 if present and int(gold.polarity[i, k]) != IGNORE:  # silver: present, polarity unknown
                     out.query_logits.append(query_logits[i, k, 1:])
                     out.query_gold.append(int(gold.polarity[i, k]))
@@ -158,6 +160,19 @@ def summarize(c: Collected, n: int) -> dict[str, float]:
         out.update(presence_accuracy=round(float((said == gold).mean()), 4),
                    presence_precision=round(float((said & gold).sum() / max(1, said.sum())), 4),
                    presence_recall=round(float((said & gold).sum() / max(1, gold.sum())), 4))
+    return out
+
+
+def presence_by_query(c: Collected) -> dict[str, dict[str, float]]:
+    """Per query: how many rows had it present (gold), and the head's precision and recall at logit 0."""
+    out: dict[str, dict[str, float]] = {}
+    said, gold = np.array(c.presence_logits) > 0, np.array(c.presence_gold).astype(bool)
+    queries = np.array(c.presence_query)
+    for q in sorted(set(c.presence_query)):
+        m = queries == q
+        hit = float((said[m] & gold[m]).sum())
+        out[q] = {"positives": int(gold[m].sum()), "precision": round(hit / max(1, int(said[m].sum())), 4),
+                  "recall": round(hit / max(1, int(gold[m].sum())), 4)}
     return out
 
 

@@ -35,7 +35,7 @@ from training.evaluate import choose_threshold
 from training.export import ParityError, _ffn_matmuls
 from training.onepass import silver
 from training.onepass.data import build_splits
-from training.onepass.evaluate import Collected, collect, onnx_scorer, summarize
+from training.onepass.evaluate import Collected, collect, onnx_scorer, presence_by_query, summarize
 from training.onepass.export import export_graphs, export_package, quantize_encoder
 from training.onepass.model import OnePassModel
 from training.onepass.train import OnePassOptions, base_path, tokenizer_for
@@ -69,6 +69,10 @@ def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return float((np.concatenate(a) == np.concatenate(b)).mean())
 
 
+PRESENCE_FLOOR = 0.6
+PRESENCE_MIN_POSITIVES = 10
+
+
 def merged(parts: dict[str, Collected], names: list[str] | None = None) -> Collected:
     out = Collected()
     for name, c in parts.items():
@@ -79,17 +83,24 @@ def merged(parts: dict[str, Collected], names: list[str] | None = None) -> Colle
 
 
 def build(run: Path, output: Path, gate: dict[str, float] = GATE, limit: int | None = None) -> Path:
-    options = OnePassOptions(out=run)
+    trained_with = json.loads((run / "options.json").read_text()) if (run / "options.json").exists() else {}
+    options = OnePassOptions(out=run, base=trained_with.get("base"),
+                             max_length=int(trained_with.get("max_length", OnePassOptions.max_length)))
     base = base_path(options)
     tokenizer_json = Path(base) / "tokenizer.json"
     tokenizer = tokenizer_for(base, options.max_length)
     model = load_trained(run, base)
-    trained_with = json.loads((run / "options.json").read_text()) if (run / "options.json").exists() else {}
     splits = build_splits(silver_path=Path(trained_with["silver"]) if trained_with.get("silver") else None)
+    recorded = trained_with.get("silver_sha256")
+    if recorded and recorded != splits.notes["silver_sha256"]:
+        raise ValueError(f"{trained_with['silver']} changed since the run trained on it (sha256 {recorded})")
     if limit:  # smoke runs
         splits.dev = {k: v[:limit] for k, v in splits.dev.items()}
     rng = random.Random(0)
-    calibration = [r.text for r in rng.sample(splits.train, CALIBRATION_TEXTS)]
+    # Served texts are sentences and reviews: short GLUE phrases (most training rows) would set narrower
+    # activation ranges than the traffic needs.
+    calibration = [r.text for r in rng.sample([r for r in splits.train if r.source != "sst2_phrases"],
+                                              CALIBRATION_TEXTS)]
     work = run / "export"
     fp32_encoder, heads = export_graphs(model, work / "fp32")
     fp32 = onnx_scorer(fp32_encoder, heads, tokenizer)
@@ -135,18 +146,43 @@ def build(run: Path, output: Path, gate: dict[str, float] = GATE, limit: int | N
                for n, s in scores["int8"].items() for k, v in s.items() if k not in ("n", "span_n", "query_n")]
     metrics += [MetricRecord(name=f"int8_fp32_agreement_{k}", value=v, data="all dev sets", split="dev",
                              n=len(all_int8.doc_gold)) for k, v in parity.items() if k != "variant"]
+    recorded_options = trained_with or {k: str(v) for k, v in options.__dict__.items()}
+    silver_dev = got_int8.get(f"{silver.SOURCE}-dev")
+    trusted = trusted_queries(silver_dev)
     report = render_report(scores, parity, doc_t, span_t, query_t, doc_choice, span_choice, history, splits.notes)
+    if silver_dev is not None and silver_dev.presence_gold:
+        report += presence_section(presence_by_query(silver_dev), trusted)
     out = export_package(
         model, tokenizer_json, output, calibration_texts=calibration, max_length=options.max_length,
         doc_temperature=doc_t, doc_threshold=doc_choice.threshold, span_temperature=span_t,
         query_temperature=query_t, aspect_threshold=span_choice.threshold, metrics=metrics, report=report,
-        presence_queries=sorted({q for r in splits.train if r.source == silver.SOURCE for q in r.category_set}),
+        presence_queries=trusted,
         keep_fp32=keep, training={"history": history, "train_rows": splits.notes["train_by_source"], "parity": parity,
-                  "doc_threshold_rule": doc_choice.rule, "options": {k: str(v) for k, v in options.__dict__.items()}},
+                  "doc_threshold_rule": doc_choice.rule, "options": recorded_options},
         work_dir=work / "final")
     _attach_reference(out, doc_probs, sst2.doc_gold, doc_choice.threshold, splits)
     print(json.dumps({"out": str(out), "parity": parity, "int8": scores["int8"]}))
     return out
+
+
+def trusted_queries(silver_dev: Collected | None) -> list[str]:
+    """The category queries auto-detection may report by presence alone: those the INT8 query head finds on the
+    held-out silver sentences with precision and recall ≥ ``PRESENCE_FLOOR`` against the teacher, over at least
+    ``PRESENCE_MIN_POSITIVES`` present rows (fewer: not enough evidence, seed terms only)."""
+    if silver_dev is None or not silver_dev.presence_gold:
+        return []
+    return [q for q, s in presence_by_query(silver_dev).items()
+            if s["positives"] >= PRESENCE_MIN_POSITIVES and min(s["precision"], s["recall"]) >= PRESENCE_FLOOR]
+
+
+def presence_section(by_query: dict[str, dict[str, float]], trusted: list[str]) -> str:
+    lines = ["", "## Category presence on held-out silver sentences (INT8 query head against the teacher)", "",
+             f"A query goes into `aspects.json` `presence_queries` (detected without a seed term) when precision and "
+             f"recall are both ≥ {PRESENCE_FLOOR} over ≥ {PRESENCE_MIN_POSITIVES} present rows.", "",
+             "| query | present rows | precision | recall | presence_queries |", "|---|---|---|---|---|"]
+    lines += [f"| {q} | {s['positives']} | {100 * s['precision']:.1f} | {100 * s['recall']:.1f} | "
+              f"{'yes' if q in trusted else 'no'} |" for q, s in by_query.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _attach_reference(out: Path, probs: np.ndarray, gold: list[int], threshold: float, splits) -> None:

@@ -12,11 +12,14 @@ Contract:
   * Teacher, per sentence and configured category (the worker's categories file):
       - present when a seed term matches (``Category.pattern``) or the sentence's embedding
         (``models/minilm-embed-en``) reaches the file's ``similarity_threshold`` against the category's
-        description or an example: the same two rules as ``worker.absa.AspectStage`` detection, a sentence
-        being one clause here;
-      - a present category's polarity is the pair classifier's (``models/absa-en``, the sentence with the
-        category's ``query``) when its label clears the package threshold, else unknown (presence only);
+        description or an example: ``worker.absa.AspectStage``'s two detection rules, a sentence being one clause
+        here;
+      - a present category's polarity is the pair classifier's (``models/absa-en``, the whole sentence with the
+        category's ``query``, where the worker pairs the matched term and a window) when its label clears the
+        package threshold, else unknown (presence only);
       - every other configured category is absent.
+  * The file is rebuilt only when absent: after a change to the categories file or the teacher packages, delete
+    it (the package report records the sha256 the model trained on, and the package step refuses another).
   * ``build(reviews, n, seed)`` → rows; ``write``/``read`` a JSONL file under ``.cache`` (derived data: never
     committed; the package report records its sha256). ``ensure`` builds the training file, or with ``dev`` a
     held-out file from the Blitzer dev-cut reviews, when absent.
@@ -37,13 +40,13 @@ from runtime.categories import CategoryConfig, load_category_config
 from runtime.chunking import sentence_spans
 from runtime.inference import Classifier
 from runtime.numeric import decide
-from runtime.paths import DEFAULT_ABSA_DIR, DEFAULT_CATEGORIES, DEFAULT_EMBEDDER_DIR
+from runtime.paths import DEFAULT_ABSA_DIR, DEFAULT_CATEGORIES, DEFAULT_EMBEDDER_DIR, REPO_ROOT
 from schemas import UNCERTAIN
 
 log = logging.getLogger("training.onepass.silver")
 
 SOURCE = "silver-categories"
-DEFAULT_PATH = Path(".cache/onepass-silver/categories.jsonl")
+DEFAULT_PATH = REPO_ROOT / ".cache" / "onepass-silver" / "categories.jsonl"
 
 
 @dataclass
@@ -54,7 +57,7 @@ class SilverRow:
 
 
 def sentences_from(reviews: list[str], n: int, seed: int) -> list[str]:
-    """``n`` distinct review sentences of 4–40 words, in a seeded random order."""
+    """A seeded random subset of ``n`` distinct review sentences of 4–40 words, in source order."""
     seen: set[str] = set()
     out: list[str] = []
     for review in reviews:

@@ -189,8 +189,9 @@ def save_atomic(state: dict, path: Path) -> None:
 def selection_score(scores: dict[str, dict]) -> float:
     """The checkpoint criterion: the mean over the dev sets of their headline number (document accuracy,
     span polarity accuracy, tagging F1, category accuracy), each set weighted alike."""
-    values = [v for s in scores.values() for k, v in s.items() if k in ("doc_accuracy", "span_accuracy", "tag_f1",
-                                                                          "query_accuracy")]
+    # Gold sets only: the silver dev set measures imitation of the teacher, not the task.
+    values = [v for name, s in scores.items() if not name.startswith(silver.SOURCE)
+              for k, v in s.items() if k in ("doc_accuracy", "span_accuracy", "tag_f1", "query_accuracy")]
     return float(np.mean(values)) if values else 0.0
 
 
@@ -221,10 +222,12 @@ def train(options: OnePassOptions, splits: Splits, resume: bool = True) -> OnePa
         step, best, history = state["step"], state["best"], state["history"]
         set_rng_state(state["rng"])  # dropout masks continue where they stopped: the same run as uninterrupted
         log.info("resumed at step %d (best %.4f)", step, best)
-    # What the package step needs to rebuild the same rows (it reads the silver choice from here).
+    # What the package step needs to rebuild the same rows: the options and the silver file's hash (it refuses a
+    # silver file that changed since).
     options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "options.json").write_text(json.dumps({k: str(v) if v is not None else None
-                                                         for k, v in asdict(options).items()}, indent=1))
+    (options.out / "options.json").write_text(json.dumps(
+        {**{k: str(v) if v is not None else None for k, v in asdict(options).items()},
+         "silver_sha256": splits.notes.get("silver_sha256")}, indent=1))
     started = time.perf_counter()
     model.train()
     while step < total:
