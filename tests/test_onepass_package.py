@@ -68,3 +68,16 @@ def test_texts_without_aspects_give_empty_lists(stage):
     quiet = OnePassAspectStage(stage.classifier, stage.config, detect="never")
     assert quiet.analyze(["Nothing to see here.", "ok"], [None, []])[1] == [[], []]
     assert stage.analyze(["Thanks!"], [None])[1] == [[]]
+
+
+def test_a_category_without_a_seed_term_is_found_by_presence_and_not_invented(stage):
+    """The query head learned the configured categories from silver rows (training/onepass/silver.py): a
+    paraphrase lands on its category, and a text about neither shipping nor service gets neither."""
+    assert "delivery" in stage.classifier.aspects.presence_queries
+    _, [late, screen] = stage.analyze(["the parcel turned up three weeks after I ordered it",
+                                       "The screen is gorgeous and the battery lasts all day."], [None, None])
+    found = {a.aspect: a for a in late if a.kind == "category"}
+    assert "shipping/delivery" in found
+    hit = found["shipping/delivery"]
+    assert (hit.span, hit.mentioned, hit.origin) == (None, True, "category") and hit.presence >= 0.5
+    assert not [a.aspect for a in screen if a.kind == "category" and a.span is None]

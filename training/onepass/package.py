@@ -149,7 +149,12 @@ def build(run: Path, output: Path, gate: dict[str, float] = GATE, limit: int | N
     recorded_options = trained_with or {k: str(v) for k, v in options.__dict__.items()}
     silver_dev = got_int8.get(f"{silver.SOURCE}-dev")
     trusted = trusted_queries(silver_dev)
-    report = render_report(scores, parity, doc_t, span_t, query_t, doc_choice, span_choice, history, splits.notes)
+    train_args = (f"--out {run} --epochs {recorded_options.get('epochs')} --eval-every "
+                  f"{recorded_options.get('eval_every')}" + ("" if recorded_options.get("silver") else " --no-silver"))
+    rebuild = (f"`python -m training.onepass.train {train_args}` then "
+               f"`python -m training.onepass.package --run {run} --output {output}`")
+    report = render_report(scores, parity, doc_t, span_t, query_t, doc_choice, span_choice, history, splits.notes,
+                           rebuild)
     if silver_dev is not None and silver_dev.presence_gold:
         report += presence_section(presence_by_query(silver_dev), trusted)
     out = export_package(
@@ -197,7 +202,7 @@ def _attach_reference(out: Path, probs: np.ndarray, gold: list[int], threshold: 
 
 
 def render_report(scores: dict, parity: dict, doc_t: float, span_t: float, query_t: float, doc_choice, span_choice,
-                  history: list[dict], notes: dict) -> str:
+                  history: list[dict], notes: dict, rebuild: str) -> str:
     lines = ["# sentiment-absa-en: document + aspects from one encoder pass (INT8)", "",
              "MiniLM-L6 (all-MiniLM-L6-v2) with four heads: document (NEGATIVE/POSITIVE, mean pooling), BIO aspect "
              "tags, span polarity (mean of the span's token states, the context it attends to, document state), "
@@ -232,8 +237,7 @@ def render_report(scores: dict, parity: dict, doc_t: float, span_t: float, query
               "## Training (selection score on the quick dev sets, fp32 torch)", "",
               "| step | epoch | seconds | score |", "|---|---|---|---|"]
     lines += [f"| {h['step']} | {h['epoch']} | {h['seconds']} | {h['score']} |" for h in history]
-    lines += ["", "Rebuild: `python -m training.onepass.train --out .cache/onepass` then "
-                  "`python -m training.onepass.package --run .cache/onepass --output models/sentiment-absa-en`."]
+    lines += ["", f"Rebuild: {rebuild}."]
     return "\n".join(lines) + "\n"
 
 
