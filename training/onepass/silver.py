@@ -21,7 +21,7 @@ Contract:
   * The file is rebuilt only when absent: after a change to the categories file or the teacher packages, delete
     it (the package report records the sha256 the model trained on, and the package step refuses another).
   * ``build(reviews, n, seed)`` → rows; ``write``/``read`` a JSONL file under ``.cache`` (derived data: never
-    committed; the package report records its sha256). ``ensure`` builds the training file, or with ``dev`` a
+    committed). ``ensure`` builds the training file, or with ``dev`` a
     held-out file from the Blitzer dev-cut reviews, when absent.
 """
 
