@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,33 @@ def test_aspects_are_filled_in_the_stream(topics: Topics, tiny_model, tmp_path):
     assert events["a4"]["aspects"] == []
     price = next(a for a in events["a5"]["aspects"] if a["aspect"].lower().startswith("price"))
     assert price["span"] is None  # asked for, classified, but not in the text
+
+
+def test_the_shipped_one_pass_package_fills_aspects_in_the_stream(topics: Topics, tmp_path):
+    """The same messages through the worker on ``models/sentiment-absa-en`` (issue 14): one encoder pass per
+    text, the event contract kept, mentions merged, a paraphrased category found without its seed terms."""
+    package = Path(__file__).resolve().parents[1] / "models" / "sentiment-absa-en"
+    asyncio.run(create_topic(topics.requests, partitions=3))
+    asyncio.run(produce_raw(topics.requests, [(m["id"].encode(), json.dumps(m).encode()) for m in MESSAGES]))
+    worker = WorkerProcess({**topics.env(), "SENTIMENT_ONEPASS_MODEL_DIR": str(package),
+                            "SENTIMENT_ABSA_ENABLED": "true"},
+                           tmp_path / "worker.log").start()
+    try:
+        records = asyncio.run(read_all([topics.labeled, topics.dlq], expected=len(MESSAGES), timeout=120))
+    finally:
+        assert worker.terminate() == 0, worker.log()[-2000:]
+    events = {r.value["id"]: r.value for r in records}
+    assert sorted(events) == sorted(m["id"] for m in MESSAGES) and len(records) == len(MESSAGES)
+    assert {e["model"]["name"] for e in events.values()} == {"sentiment-absa-en"}
+    delivery, phone = events["a1"]["aspects"]
+    assert (delivery["term"], delivery["span"], delivery["predicted_label"]) == ("delivery", [17, 25], "NEGATIVE")
+    assert (phone["term"], phone["span"], phone["predicted_label"]) == ("phone", [6, 11], "POSITIVE")
+    [service] = events["a2"]["aspects"]  # span counted in code points past the emoji
+    assert service["span"] == [37, 44] and service["kind"] == "term"
+    late = {a["aspect"]: a for a in events["a3"]["aspects"] if a["kind"] == "category"}
+    assert late["shipping/delivery"]["span"] is None and late["shipping/delivery"]["mentioned"] is True
+    assert late["packaging"]["term"] == "box"
+    assert events["a4"]["aspects"] == []
+    battery, price = events["a5"]["aspects"]
+    assert battery["mentioned"] is True and battery["predicted_label"] == "POSITIVE"
+    assert (price["span"], price["mentioned"], price["label"]) == (None, False, "UNCERTAIN")
