@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from runtime.absa_models import SentenceEmbedder
@@ -9,7 +11,7 @@ from runtime.categories import load_category_config
 from runtime.inference import Classifier
 from runtime.paths import DEFAULT_ABSA_DIR, DEFAULT_CATEGORIES, DEFAULT_EMBEDDER_DIR
 from training.absa.tagger import IGNORE
-from training.onepass import silver
+from training.onepass import package, silver
 from training.onepass.data import silver_rows
 
 
@@ -50,3 +52,15 @@ def test_silver_rows_train_presence_for_every_configured_query_and_polarity_only
     late, cheap = silver_rows(path)
     assert late.queries == [("delivery", IGNORE)] and late.category_set == ("delivery", "price")
     assert cheap.queries == [("price", 2)] and cheap.doc_label == -1 and not cheap.tagged
+
+
+def test_the_package_step_refuses_a_silver_file_that_changed_since_the_run(tmp_path):
+    path = tmp_path / "silver.jsonl"
+    silver.write([silver.SilverRow("It came late.", {"delivery": None}, ("delivery",))], path)
+    silver.write([silver.SilverRow("Cheap.", {}, ("delivery",))], silver.dev_path(path))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "options.json").write_text(json.dumps({"silver": str(path), "silver_sha256": "0" * 64}))
+    with pytest.raises(silver.SilverChanged, match="changed since the run"):
+        package.build(run, tmp_path / "pkg")  # before any model is loaded: the run has none
+    assert not (tmp_path / "pkg").exists()

@@ -140,7 +140,7 @@ def build_splits(data_root: Path | None = None, silver_path: Path | None = None)
     if silver_path is not None:
         absa_train += silver_rows(silver_path)
         absa_dev["silver-categories-dev"] = silver_rows(silver.ensure(silver.dev_path(silver_path), n=1000,
-                                                                      dev=True))
+                                                                      dev=True, data_root=data_root))
     dev = {**doc_dev, **absa_dev}
     dev_keys = {_key(r.text) for rows in dev.values() for r in rows}
     removed: Counter = Counter()

@@ -89,11 +89,11 @@ def build(run: Path, output: Path, gate: dict[str, float] = GATE, limit: int | N
     base = base_path(options)
     tokenizer_json = Path(base) / "tokenizer.json"
     tokenizer = tokenizer_for(base, options.max_length)
-    model = load_trained(run, base)
     splits = build_splits(silver_path=Path(trained_with["silver"]) if trained_with.get("silver") else None)
     recorded = trained_with.get("silver_sha256")
     if recorded and recorded != splits.notes["silver_sha256"]:
-        raise ValueError(f"{trained_with['silver']} changed since the run trained on it (sha256 {recorded})")
+        raise silver.SilverChanged(f"{trained_with['silver']} changed since the run trained on it (sha256 {recorded})")
+    model = load_trained(run, base)
     if limit:  # smoke runs
         splits.dev = {k: v[:limit] for k, v in splits.dev.items()}
     rng = random.Random(0)

@@ -38,6 +38,7 @@ import numpy as np
 from runtime.absa_models import SentenceEmbedder
 from runtime.categories import CategoryConfig, load_category_config
 from runtime.chunking import sentence_spans
+from runtime.errors import RefusedError
 from runtime.inference import Classifier
 from runtime.numeric import decide
 from runtime.paths import DEFAULT_ABSA_DIR, DEFAULT_CATEGORIES, DEFAULT_EMBEDDER_DIR, REPO_ROOT
@@ -47,6 +48,10 @@ log = logging.getLogger("training.onepass.silver")
 
 SOURCE = "silver-categories"
 DEFAULT_PATH = REPO_ROOT / ".cache" / "onepass-silver" / "categories.jsonl"
+
+
+class SilverChanged(RefusedError):
+    """The silver file differs from the one the run trained on (its sha256 is in the run's ``options.json``)."""
 
 
 @dataclass
@@ -115,14 +120,15 @@ def write(rows: list[SilverRow], path: Path) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
-def ensure(path: Path = DEFAULT_PATH, n: int = 8000, seed: int = 0, dev: bool = False) -> Path:
+def ensure(path: Path = DEFAULT_PATH, n: int = 8000, seed: int = 0, dev: bool = False,
+           data_root: Path | None = None) -> Path:
     """The silver file at ``path``, built first when absent (about a minute and a half for 8,000 sentences on
     2 cores): from the Blitzer training reviews, or with ``dev`` from the document mix's Blitzer dev cuts (a
     held-out check of how well the query head learned the teacher's categories)."""
     if not path.exists():
         from training.onepass.data import doc_splits
 
-        train, dev_sets, _ = doc_splits()
+        train, dev_sets, _ = doc_splits(data_root)
         reviews = ([r.text for name, rows in dev_sets.items() if name.startswith("blitzer_") for r in rows] if dev
                    else [r.text for r in train if r.source.startswith("blitzer_")])
         sha = write(build(reviews, n, seed), path)
