@@ -172,3 +172,20 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def label_through_worker(topics: Topics, env: dict[str, str], messages: list[dict], log: Path,
+                         timeout: float = 120) -> dict[str, dict]:
+    """Produces ``messages`` (JSON, keyed by their ``id``) to a fresh 3-partition requests topic, runs one worker
+    with ``topics.env()`` + ``env`` until every message has an output on the labelled or dead-letter topic, stops
+    it cleanly, and returns the outputs by id. Asserts each message came back exactly once."""
+    asyncio.run(create_topic(topics.requests, partitions=3))
+    asyncio.run(produce_raw(topics.requests, [(m["id"].encode(), json.dumps(m).encode()) for m in messages]))
+    worker = WorkerProcess({**topics.env(), **env}, log).start()
+    try:
+        records = asyncio.run(read_all([topics.labeled, topics.dlq], expected=len(messages), timeout=timeout))
+    finally:
+        assert worker.terminate() == 0, worker.log()[-2000:]
+    events = {r.value["id"]: r.value for r in records}
+    assert sorted(events) == sorted(m["id"] for m in messages) and len(records) == len(messages)
+    return events

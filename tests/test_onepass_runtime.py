@@ -272,21 +272,11 @@ KAFKA_MESSAGES = [
 @pytest.mark.kafka
 def test_worker_on_the_onepass_setting_labels_documents_and_aspects(topics, package, tmp_path):
     """The stream worker with SENTIMENT_ONEPASS_MODEL_DIR: the package is the document model and the ABSA stage."""
-    import asyncio
+    from tests.kafka_helpers import label_through_worker
 
-    from tests.kafka_helpers import WorkerProcess, create_topic, produce_raw, read_all
-
-    asyncio.run(create_topic(topics.requests, partitions=3))
-    asyncio.run(produce_raw(topics.requests, [(m["id"].encode(), json.dumps(m).encode()) for m in KAFKA_MESSAGES]))
-    worker = WorkerProcess({**topics.env(), "SENTIMENT_ONEPASS_MODEL_DIR": str(package),
-                            "SENTIMENT_ABSA_ENABLED": "true", "SENTIMENT_ASPECT_TAGGER_DIR": str(tmp_path / "none"),
-                            "SENTIMENT_ABSA_MODEL_DIR": str(tmp_path / "none")}, tmp_path / "worker.log").start()
-    try:
-        records = asyncio.run(read_all([topics.labeled, topics.dlq], expected=len(KAFKA_MESSAGES), timeout=120))
-    finally:
-        assert worker.terminate() == 0, worker.log()[-2000:]
-    events = {r.value["id"]: r.value for r in records}
-    assert sorted(events) == sorted(m["id"] for m in KAFKA_MESSAGES) and len(records) == len(KAFKA_MESSAGES)
+    env = {"SENTIMENT_ONEPASS_MODEL_DIR": str(package), "SENTIMENT_ABSA_ENABLED": "true",
+           "SENTIMENT_ASPECT_TAGGER_DIR": str(tmp_path / "none"), "SENTIMENT_ABSA_MODEL_DIR": str(tmp_path / "none")}
+    events = label_through_worker(topics, env, KAFKA_MESSAGES, tmp_path / "worker.log")
     texts = {m["id"]: m["text"] for m in KAFKA_MESSAGES}
     model = OnePassClassifier.load(package)
     document = model.predict([m["text"] for m in KAFKA_MESSAGES]).probabilities

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.kafka_helpers import Topics, WorkerProcess, create_topic, produce_raw, read_all
+from tests.kafka_helpers import Topics, label_through_worker
 
 pytestmark = pytest.mark.kafka
 
@@ -22,16 +20,8 @@ MESSAGES = [
 
 
 def test_aspects_are_filled_in_the_stream(topics: Topics, tiny_model, tmp_path):
-    asyncio.run(create_topic(topics.requests, partitions=3))
-    asyncio.run(produce_raw(topics.requests, [(m["id"].encode(), json.dumps(m).encode()) for m in MESSAGES]))
-    worker = WorkerProcess({**topics.env(), "SENTIMENT_MODEL_DIR": str(tiny_model), "SENTIMENT_ABSA_ENABLED": "true"},
-                           tmp_path / "worker.log").start()
-    try:
-        records = asyncio.run(read_all([topics.labeled, topics.dlq], expected=len(MESSAGES), timeout=120))
-    finally:
-        assert worker.terminate() == 0, worker.log()[-2000:]
-    events = {r.value["id"]: r.value for r in records}
-    assert sorted(events) == sorted(m["id"] for m in MESSAGES) and len(records) == len(MESSAGES)
+    events = label_through_worker(topics, {"SENTIMENT_MODEL_DIR": str(tiny_model), "SENTIMENT_ABSA_ENABLED": "true"},
+                                  MESSAGES, tmp_path / "worker.log")
     texts = {m["id"]: m["text"] for m in MESSAGES}
     for message in MESSAGES:
         event = events[message["id"]]
@@ -56,17 +46,8 @@ def test_the_shipped_one_pass_package_fills_aspects_in_the_stream(topics: Topics
     """The same messages through the worker on ``models/sentiment-absa-en`` (issue 14): one encoder pass per
     text, the event contract kept, mentions merged, a paraphrased category found without its seed terms."""
     package = Path(__file__).resolve().parents[1] / "models" / "sentiment-absa-en"
-    asyncio.run(create_topic(topics.requests, partitions=3))
-    asyncio.run(produce_raw(topics.requests, [(m["id"].encode(), json.dumps(m).encode()) for m in MESSAGES]))
-    worker = WorkerProcess({**topics.env(), "SENTIMENT_ONEPASS_MODEL_DIR": str(package),
-                            "SENTIMENT_ABSA_ENABLED": "true"},
-                           tmp_path / "worker.log").start()
-    try:
-        records = asyncio.run(read_all([topics.labeled, topics.dlq], expected=len(MESSAGES), timeout=120))
-    finally:
-        assert worker.terminate() == 0, worker.log()[-2000:]
-    events = {r.value["id"]: r.value for r in records}
-    assert sorted(events) == sorted(m["id"] for m in MESSAGES) and len(records) == len(MESSAGES)
+    env = {"SENTIMENT_ONEPASS_MODEL_DIR": str(package), "SENTIMENT_ABSA_ENABLED": "true"}
+    events = label_through_worker(topics, env, MESSAGES, tmp_path / "worker.log")
     assert {e["model"]["name"] for e in events.values()} == {"sentiment-absa-en"}
     delivery, phone = events["a1"]["aspects"]
     assert (delivery["term"], delivery["span"], delivery["predicted_label"]) == ("delivery", [17, 25], "NEGATIVE")
