@@ -79,23 +79,19 @@ def _our_worker(args: tuple) -> dict:
         with contextlib.suppress(Exception):
             stage([])  # load-time work, if any, stays out of the measurement
 
-        def timed_stage(batch):
-            t = time.perf_counter()
-            try:
-                return stage(batch)
-            finally:
-                aspect_seconds[0] += time.perf_counter() - t
-
-        joint = getattr(stage, "label_with", None)
-        if joint is not None:  # a one-pass stage: document and aspects come from one call, timed as the stage
-            def timed_joint(classifier, batch, *args):
+        def timed(call):
+            def run(*args):
                 t = time.perf_counter()
                 try:
-                    return joint(classifier, batch, *args)
+                    return call(*args)
                 finally:
                     aspect_seconds[0] += time.perf_counter() - t
+            return run
 
-            timed_stage.label_with = timed_joint  # type: ignore[attr-defined]
+        timed_stage = timed(stage)
+        joint = getattr(stage, "label_with", None)
+        if joint is not None:  # a one-pass stage: document and aspects come from one call, timed as the stage
+            timed_stage.label_with = timed(joint)  # type: ignore[attr-defined]
         labeler.aspect_stage = timed_stage
     decode_s = serialize_s = 0.0
     batch_seconds: list[float] = []
