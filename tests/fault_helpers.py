@@ -151,6 +151,7 @@ class GroupWatcher(threading.Thread):
         self.group = group
         self.members: list[str] = []  # distinct member ids, in the order first seen
         self.states: list[str] = []
+        self.current: tuple[str, int] = ("", 0)  # the last sample: state and member count
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -166,6 +167,7 @@ class GroupWatcher(threading.Thread):
                 try:
                     entry = (await admin.describe_consumer_groups([self.group]))[0].groups[0]
                     state, members = entry[2], entry[5]
+                    self.current = (state, len(members))
                     if not self.states or self.states[-1] != state:
                         self.states.append(state)
                     for member in members:

@@ -10,6 +10,7 @@ SENTIMENT_FAULT_REPORT=path each test appends one JSON line of what it measured.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -18,6 +19,7 @@ from tests.fault_helpers import (
     BATCH,
     KILL_N,
     LOAD_N,
+    GroupWatcher,
     PacedProducer,
     assert_nothing_lost,
     messages,
@@ -112,6 +114,46 @@ def test_rebalance_one_three_one_under_load_loses_nothing(topics: Topics, tiny_m
     # Workers that joined or left did so cleanly; a revoked partition's in-flight batch may repeat.
     assert stats["duplicates"] <= 4 * 3 * BATCH, stats
     report("rebalance_1_3_1", outputs_at_phase=phases, **stats)
+
+
+def test_a_rebalance_that_waits_past_max_poll_interval_still_rejoins(topics: Topics, tiny_model, tmp_path):
+    """Worker A is in a slow step (8 s, past its 2-s max.poll.interval) when worker B joins. A's revoke waits
+    for the step, and faust fetches nothing while partitions are being revoked, so by the time A would rejoin
+    its consumer looks idle for longer than max.poll.interval; aiokafka then declines to rejoin (it checks
+    after the revoke) and, with faust still waiting for an assignment, never does. A must rejoin, and serve the
+    topic alone once B has left."""
+    run(create_topic(topics.requests, partitions=3))
+    marker = "SLOW-STEP-5e1c"
+    first, later = messages(300, "rj"), messages(300, "rk")
+    slow = [(b"rj-slow", json.dumps({"id": "rj-slow", "text": f"fine words {marker}"}).encode())]
+    run(produce_raw(topics.requests, first))
+    a = start_worker(topics, tiny_model, tmp_path, "rejoin-a", SENTIMENT_MAX_POLL_INTERVAL_S="2",
+                     SENTIMENT_SESSION_TIMEOUT_S="10", SENTIMENT_BATCH_SIZE="16", SENTIMENT_CHAOS_TESTING="true",
+                     SENTIMENT_FAULT_MARKER=marker, SENTIMENT_CHAOS_SLOW_MS="8000")
+    workers = [a]
+    watcher = GroupWatcher(topics.env()["SENTIMENT_APP_ID"])
+    watcher.start()
+    try:
+        assert wait_outputs(topics, len(first), 180, a) >= len(first)
+        run(produce_raw(topics.requests, slow))
+        time.sleep(2)  # A is inside the slow step now
+        workers.append(start_worker(topics, tiny_model, tmp_path, "rejoin-b"))
+        deadline = time.monotonic() + 120
+        while watcher.current != ("Stable", 2) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert watcher.current == ("Stable", 2), (watcher.current, watcher.states, a.log()[-3000:])
+        assert workers[1].terminate() == 0, workers[1].log()[-3000:]
+        run(produce_raw(topics.requests, later))
+        records = run(read_all([topics.labeled, topics.dlq], expected=len(first) + 1 + len(later), timeout=180))
+        assert a.alive(), a.log()[-3000:]
+    finally:
+        watcher.stop.set()
+        codes = [w.terminate() if w.alive() else w.proc.returncode for w in workers]
+    watcher.join(timeout=10)
+    assert codes[0] == 0, a.log()[-3000:]
+    ids = {f"rj-{i}" for i in range(len(first))} | {"rj-slow"} | {f"rk-{i}" for i in range(len(later))}
+    stats = assert_nothing_lost(records, ids)
+    report("rejoin_after_slow_revoke", members_seen=len(watcher.members), states=watcher.states, **stats)
 
 
 # ---------------------------------------------------------------------------------------- poison batch

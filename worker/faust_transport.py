@@ -1,17 +1,29 @@
-"""faust's Kafka transport with a consumer that reads ``read_committed``.
+"""faust's Kafka transport with a consumer that reads ``read_committed`` and always rejoins after a rebalance.
 
-faust 0.15 opens its consumer with ``isolation_level="read_committed"`` only under
-``processing_guarantee="exactly_once"``, which also makes every output transactional (one producer per
-partition). The worker wants the reading half alone: a record from an aborted transaction (a Kafka
-Streams app with exactly-once, an outbox relay that rolled back) never happened, so it must not be
-labelled. This module is that half and nothing else: the same driver, with the consumer's isolation level
-set before it starts (aiokafka hands ``_isolation_level`` to its fetcher in ``start()``).
+Two changes to faust 0.15's aiokafka driver, each small and each pinned by a test:
+
+* **read_committed.** faust opens its consumer with ``isolation_level="read_committed"`` only under
+  ``processing_guarantee="exactly_once"``, which also makes every output transactional (one producer per
+  partition). The worker wants the reading half alone: a record from an aborted transaction (a Kafka Streams
+  app with exactly-once, an outbox relay that rolled back) never happened, so it must not be labelled. The
+  consumer's isolation level is set before it starts (aiokafka hands ``_isolation_level`` to its fetcher in
+  ``start()``). Test: ``tests/test_hostile.py`` (aborted transaction → nothing labelled).
+* **Rejoin after a slow revoke.** aiokafka (0.14, ``GroupCoordinator.ensure_active_group``) revokes the old
+  assignment first and only then checks whether the application has fetched within ``max.poll.interval``;
+  if not, it declines to rejoin and retries the check later (aio-libs/aiokafka#1187). faust fetches nothing
+  from the moment partitions are revoked until new ones are assigned, so a revoke that outlasts
+  ``max.poll.interval`` (it waits for the in-flight step; or the process was frozen when the rebalance
+  began) leaves the worker alive, out of the group and waiting forever. A consumer that is waiting for its
+  assignment is not idle: from the revoke until the assignment the consumer thread holds a fetch context
+  open, so the check sees an active fetcher and the worker rejoins. Test:
+  ``tests/test_faults.py::test_a_rebalance_that_waits_past_max_poll_interval_still_rejoins``.
 
 Use it through the broker URL scheme ``SCHEME`` (``worker.app.broker_url`` does).
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 from faust.transport.drivers import TRANSPORTS
@@ -21,11 +33,31 @@ SCHEME = "kafka-read-committed"
 
 
 class ReadCommittedConsumerThread(driver.AIOKafkaConsumerThread):
+    # The fetch context held open between a revoke and the next assignment (None outside a rebalance).
+    _rebalance_hold: AbstractContextManager[None] | None = None
+
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        # Invariant checked by tests/test_hostile.py (aborted transaction → nothing labelled).
         consumer._isolation_level = "read_committed"
         return consumer
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        """Steps: hold the fetch context (the rejoin check runs after this callback), then faust's revoke."""
+        if self._rebalance_hold is None:
+            # aiokafka calls the revoke once per join attempt and retries a failed join without it, so one
+            # hold covers every retry until an assignment arrives.
+            self._rebalance_hold = self._ensure_consumer()._subscription.fetch_context()
+            self._rebalance_hold.__enter__()
+        await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        """faust's assignment (which resumes fetching), then the hold is released whatever happened."""
+        try:
+            await super().on_partitions_assigned(assigned, generation_id)
+        finally:
+            hold, self._rebalance_hold = self._rebalance_hold, None
+            if hold is not None:
+                hold.__exit__(None, None, None)
 
 
 class ReadCommittedConsumer(driver.Consumer):
