@@ -3,7 +3,8 @@
     nice -n 10 .venv/bin/python -m bench.long_texts [--model models/sentiment-en] [--limit N] [--confirm]
 
 Data: the Blitzer dev cut of the teacher mix (``training.distill.mix.build_mix``: a stratified 300 of each
-domain's ``train.tsv``, seed 0), whole reviews. The document model (SST-2 sentences) never trained on Blitzer.
+domain's ``train.tsv``, seed 0), whole reviews, which no shipped model trained on (since 12-07 the default
+document model trains on the *other* reviews of these files: ``training/product_rows.py``).
 Each review is planned into windows once (up to ``MAX_WINDOWS``) and every window is scored once; the budgets
 and aggregations below are then computed from those window scores (greedy packing is prefix-stable: the plan
 for k windows is the first k windows of a longer plan). One check ties this to the served path: the default
@@ -18,7 +19,8 @@ the package threshold, silent_errors = wrong and not UNCERTAIN, ece = expected c
 * ``short_baseline``: the same model on *single-window reviews* (whole review ≤ ``max_length`` tokens, so
   chunking changes nothing) of the same domain: all such reviews of the domain's ``train.tsv`` (``all``,
   n ≈ 280–520 per domain) and those in the dev cut (``dev``, n ≈ 40–100). Blitzer has no sentence labels;
-  these are the domain's own short texts, read whole.
+  these are the domain's own short texts, read whole. For a model trained on the other reviews (the default
+  since 12-07) only ``dev`` is a fair baseline.
 
 ``--confirm`` also scores the mix's Blitzer training subsample (500 per domain, disjoint from the dev cut and
 never used to choose the aggregation) with the served default.
