@@ -23,7 +23,8 @@ the package threshold, silent_errors = wrong and not UNCERTAIN, ece = expected c
   since 12-07) only ``dev`` is a fair baseline.
 
 ``--confirm`` also scores the mix's Blitzer training subsample (500 per domain, disjoint from the dev cut and
-never used to choose the aggregation) with the served default.
+never used to choose the aggregation) with the served default. Since 12-07 those reviews are training data of
+the default model, so for it ``--confirm`` measures training reviews.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def test_rebalance_one_three_one_under_load_loses_nothing(topics: Topics, tiny_m
 
 
 def test_a_rebalance_that_waits_past_max_poll_interval_still_rejoins(topics: Topics, tiny_model, tmp_path):
-    """Worker A is in a slow step (8 s, past its 2-s max.poll.interval) when worker B joins. A's revoke waits
+    """Worker A is in a slow step (20 s, past its 2-s max.poll.interval) when worker B joins. A's revoke waits
     for the step, and faust fetches nothing while partitions are being revoked, so by the time A would rejoin
     its consumer looks idle for longer than max.poll.interval; aiokafka then declines to rejoin (it checks
     after the revoke) and, with faust still waiting for an assignment, never does. A must rejoin, and serve the
@@ -129,7 +129,7 @@ def test_a_rebalance_that_waits_past_max_poll_interval_still_rejoins(topics: Top
     run(produce_raw(topics.requests, first))
     a = start_worker(topics, tiny_model, tmp_path, "rejoin-a", SENTIMENT_MAX_POLL_INTERVAL_S="2",
                      SENTIMENT_SESSION_TIMEOUT_S="10", SENTIMENT_BATCH_SIZE="16", SENTIMENT_CHAOS_TESTING="true",
-                     SENTIMENT_FAULT_MARKER=marker, SENTIMENT_CHAOS_SLOW_MS="8000")
+                     SENTIMENT_FAULT_MARKER=marker, SENTIMENT_CHAOS_SLOW_MS="20000")
     workers = [a]
     watcher = GroupWatcher(topics.env()["SENTIMENT_APP_ID"])
     watcher.start()
@@ -137,7 +137,12 @@ def test_a_rebalance_that_waits_past_max_poll_interval_still_rejoins(topics: Top
         assert wait_outputs(topics, len(first), 180, a) >= len(first)
         run(produce_raw(topics.requests, slow))
         time.sleep(2)  # A is inside the slow step now
+        slow_ends = time.monotonic() + 18
         workers.append(start_worker(topics, tiny_model, tmp_path, "rejoin-b"))
+        while watcher.current[0] != "PreparingRebalance" and time.monotonic() < slow_ends:
+            time.sleep(0.2)
+        # The defect needs the rebalance to begin while A's step still runs (its revoke then waits for it).
+        assert time.monotonic() < slow_ends - 3, ("B joined too late to test the slow revoke", watcher.states)
         deadline = time.monotonic() + 120
         while watcher.current != ("Stable", 2) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -154,6 +159,43 @@ def test_a_rebalance_that_waits_past_max_poll_interval_still_rejoins(topics: Top
     ids = {f"rj-{i}" for i in range(len(first))} | {"rj-slow"} | {f"rk-{i}" for i in range(len(later))}
     stats = assert_nothing_lost(records, ids)
     report("rejoin_after_slow_revoke", members_seen=len(watcher.members), states=watcher.states, **stats)
+
+
+def test_a_spare_worker_stays_in_the_group_without_rebalancing(topics: Topics, tiny_model, tmp_path):
+    """Two workers, one partition: the spare holds nothing, so faust never fetches for it. It must stay in the
+    group as a standby: neither drop out for good once max.poll.interval (2 s here) has passed (aiokafka then
+    declines its rejoin), nor leave and rejoin every max.poll.interval (each time rebalancing the whole group).
+    Then the active worker leaves and the spare takes the partition over."""
+    run(create_topic(topics.requests, partitions=1))
+    first, later = messages(100, "sp"), messages(100, "sq")
+    run(produce_raw(topics.requests, first))
+    settings = {"SENTIMENT_MAX_POLL_INTERVAL_S": "2", "SENTIMENT_SESSION_TIMEOUT_S": "10"}
+    workers = [start_worker(topics, tiny_model, tmp_path, "spare-a", **settings)]
+    watcher = GroupWatcher(topics.env()["SENTIMENT_APP_ID"])
+    watcher.start()
+    try:
+        assert wait_outputs(topics, len(first), 180, workers[0]) >= len(first)
+        workers.append(start_worker(topics, tiny_model, tmp_path, "spare-b", **settings))
+        deadline = time.monotonic() + 120
+        while watcher.current != ("Stable", 2) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert watcher.current == ("Stable", 2), (watcher.current, watcher.states)
+        members, states = list(watcher.members), len(watcher.states)
+        watch_until = time.monotonic() + 15  # 7 max.poll.intervals
+        while time.monotonic() < watch_until:
+            assert watcher.current == ("Stable", 2), (watcher.current, watcher.states[states - 1:])
+            time.sleep(0.25)
+        assert watcher.members == members and len(watcher.states) == states, (watcher.members, watcher.states)
+        # Whichever worker holds the partition leaves; the other one serves what follows.
+        assert workers[0].terminate() == 0, workers[0].log()[-3000:]
+        run(produce_raw(topics.requests, later))
+        records = run(read_all([topics.labeled, topics.dlq], expected=len(first) + len(later), timeout=180))
+    finally:
+        watcher.stop.set()
+        codes = [w.terminate() if w.alive() else w.proc.returncode for w in workers]
+    watcher.join(timeout=10)
+    assert codes[1] == 0, workers[1].log()[-3000:]
+    assert_nothing_lost(records, {f"sp-{i}" for i in range(len(first))} | {f"sq-{i}" for i in range(len(later))})
 
 
 # ---------------------------------------------------------------------------------------- poison batch

@@ -38,6 +38,15 @@ def test_a_short_review_is_one_row():
     assert rows == [ProductRow("broke after two days.", "NEGATIVE", "blitzer_kitchen")]
 
 
+def test_an_unknown_token_survives_the_round_trip():
+    classifier = Classifier(load_package(PACKAGE))
+    text = "I love it 🤖 and the café too"
+    served = classifier.document_rows([text]).rows[0]
+    assert classifier.tokenizer.token_to_id("[UNK]") in served.ids  # the emoji is outside the vocabulary
+    (row,) = review_windows([Example(text, 1, "binary", "blitzer_kitchen")], PACKAGE, 512)
+    assert classifier.tokenizer.encode(row.text).ids == list(served.ids)
+
+
 def test_only_polar_sentences_are_kept_with_binary_names():
     sentences = [Example("great pasta", 2, "3class", "mams"), Example("we sat by the window", 1, "3class", "mams"),
                  Example("slow service", 0, "3class", "absa_restaurants")]

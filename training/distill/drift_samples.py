@@ -7,7 +7,8 @@ excludes the transfer set (``build_transfer``) and the mix's training rows:
     reviews only);
   * ``tweeteval_val``: TweetEval val (polar rows for a binary package);
   * ``semeval_pool``: pool tweets outside the transfer set (up to 2,000, seed 0);
-  * ``mr``: Rotten Tomatoes snippets (movie domain, another corpus than SST's sentences; up to 2,000);
+  * ``mr``: Rotten Tomatoes snippets (movie domain; up to 2,000). SST was built from the same snippets, so about
+    half of them are SST-2 training sentences: for any model trained on SST-2 this row is partly in-sample;
   * ``sentipolc`` (binary) : Italian tweets with exactly one of positive/negative set (up to 2,000).
 Each file is JSONL with ``text`` and ``label`` (a label name), drift-check's format.
 
