@@ -1,8 +1,8 @@
 """Product-review rows for the default document model, written as a JSONL file ``sentiment train`` reads.
 
-SST-2 alone taught the shipped binary model movie-review phrases; on whole product reviews it abstained on a
-fifth of the texts and trailed its short-text accuracy (README "Long texts"). These rows add product reviews
-*as the worker reads them*:
+SST-2 alone taught the binary model shipped until 12-07 movie-review phrases; on whole product reviews it
+abstained on a fifth of the texts and trailed its short-text accuracy (README "Long texts"). These rows add
+product reviews *as the worker reads them*:
 
   1. ``build_mix`` (``training/distill/mix.py``, seed 0) cuts the same per-domain Blitzer dev sets the long-text
      bench scores (300 reviews per domain of each ``train.tsv``); every other Blitzer review of ``train.tsv`` is
@@ -18,7 +18,7 @@ fifth of the texts and trailed its short-text accuracy (README "Long texts"). Th
      rule: the opinionated aspect terms agree) are added as they are: short product and restaurant reviews.
      Their NEUTRAL rows have no binary label and are left out.
 
-The file holds text and label only (``{"text", "label", "domain"}`` per line); the package manifest records its
+The file holds one ``{"text", "label", "domain"}`` object per line; the package manifest records its
 sha256 and row count through ``--train``. It is written under ``.cache/`` and never committed. Test splits are
 never read (the mix reads none).
 """
