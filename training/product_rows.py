@@ -13,7 +13,7 @@ product reviews *as the worker reads them*:
      becomes a row with the review's label: window-level weak labels. A window in the middle of a review may
      not carry the review's polarity (the teacher mix avoided that by reading only a review's first 128
      tokens), and a long review counts once per window; the served aggregate reads the windows the same way,
-     summing their log-probabilities (``log_odds_sqrt``).
+     summing their log-probabilities (``log_odds_sum``).
   3. The mix's SemEval-2014 and MAMS training sentences with a NEGATIVE or POSITIVE sentence label (the mix's
      rule: the opinionated aspect terms agree) are added as they are: short product and restaurant reviews.
      Their NEUTRAL rows have no binary label and are left out.
