@@ -154,6 +154,13 @@ class GroupWatcher(threading.Thread):
         self.current: tuple[str, int] = ("", 0)  # the last sample: state and member count
         self.stop = threading.Event()
 
+    def wait_for(self, current: tuple[str, int], timeout: float) -> bool:
+        """Polls until the last sample is ``current`` (state, member count); False after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.current != current and time.monotonic() < deadline:
+            time.sleep(0.25)
+        return self.current == current
+
     def run(self) -> None:
         run(self._watch())
 

@@ -143,10 +143,7 @@ def test_a_rebalance_that_waits_past_max_poll_interval_still_rejoins(topics: Top
             time.sleep(0.2)
         # The defect needs the rebalance to begin while A's step still runs (its revoke then waits for it).
         assert time.monotonic() < slow_ends - 3, ("B joined too late to test the slow revoke", watcher.states)
-        deadline = time.monotonic() + 120
-        while watcher.current != ("Stable", 2) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert watcher.current == ("Stable", 2), (watcher.current, watcher.states, a.log()[-3000:])
+        assert watcher.wait_for(("Stable", 2), 120), (watcher.current, watcher.states, a.log()[-3000:])
         assert workers[1].terminate() == 0, workers[1].log()[-3000:]
         run(produce_raw(topics.requests, later))
         records = run(read_all([topics.labeled, topics.dlq], expected=len(first) + 1 + len(later), timeout=180))
@@ -176,10 +173,7 @@ def test_a_spare_worker_stays_in_the_group_without_rebalancing(topics: Topics, t
     try:
         assert wait_outputs(topics, len(first), 180, workers[0]) >= len(first)
         workers.append(start_worker(topics, tiny_model, tmp_path, "spare-b", **settings))
-        deadline = time.monotonic() + 120
-        while watcher.current != ("Stable", 2) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert watcher.current == ("Stable", 2), (watcher.current, watcher.states)
+        assert watcher.wait_for(("Stable", 2), 120), (watcher.current, watcher.states)
         members, states = list(watcher.members), len(watcher.states)
         watch_until = time.monotonic() + 15  # 7 max.poll.intervals
         while time.monotonic() < watch_until:

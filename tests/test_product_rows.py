@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from runtime.inference import Classifier
-from runtime.package import load_package
 from training.distill.mix import Example
 from training.product_rows import ProductRow, polar_sentences, review_windows, write
 
@@ -19,7 +18,7 @@ LONG_REVIEW = (" ".join(["The first chapters drag and the plot makes no sense at
 
 
 def test_a_long_review_becomes_the_served_windows_each_with_the_review_label():
-    classifier = Classifier(load_package(PACKAGE))
+    classifier = Classifier.load(PACKAGE)
     served = classifier.document_rows([LONG_REVIEW]).rows
     assert len(served) > 1  # the review is longer than one window
 
@@ -39,7 +38,7 @@ def test_a_short_review_is_one_row():
 
 
 def test_an_unknown_token_survives_the_round_trip():
-    classifier = Classifier(load_package(PACKAGE))
+    classifier = Classifier.load(PACKAGE)
     text = "I love it 🤖 and the café too"
     served = classifier.document_rows([text]).rows[0]
     assert classifier.tokenizer.token_to_id("[UNK]") in served.ids  # the emoji is outside the vocabulary

@@ -55,9 +55,8 @@ def review_windows(reviews: list[Example], package: Path, budget: int) -> Iterat
     window starts inside a word (its first piece ``##x`` decodes to text that reads as ``# # x``): 34 of the
     22,431 Blitzer windows."""
     from runtime.inference import Classifier
-    from runtime.package import load_package
 
-    classifier = Classifier(load_package(package))
+    classifier = Classifier.load(package)
     for start in range(0, len(reviews), 64):
         chunk = reviews[start:start + 64]
         rows = classifier.document_rows([e.text for e in chunk], text_token_budget=budget)
