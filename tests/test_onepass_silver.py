@@ -61,6 +61,6 @@ def test_the_package_step_refuses_a_silver_file_that_changed_since_the_run(tmp_p
     run = tmp_path / "run"
     run.mkdir()
     (run / "options.json").write_text(json.dumps({"silver": str(path), "silver_sha256": "0" * 64}))
-    with pytest.raises(silver.SilverChanged, match="changed since the run"):
+    with pytest.raises(silver.InputChanged, match="changed since the run"):
         package.build(run, tmp_path / "pkg")  # before any model is loaded: the run has none
     assert not (tmp_path / "pkg").exists()

@@ -148,3 +148,34 @@ def test_a_run_stopped_after_one_step_resumes_into_the_same_weights(tiny_encoder
     assert resumed["step"] == 4 and [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
+
+
+def test_a_soft_span_target_replaces_the_one_hot_and_a_teacher_span_trains_without_gold(tokenizer):
+    row = Row("The pasta was great but the bread was stale.", "restaurants", tagged=True,
+              tag_spans=[(4, 9)], terms=[((4, 9), 2)],
+              soft_terms=[((4, 9), [0.1, 0.1, 0.8]), ((28, 33), [0.7, 0.2, 0.1])])
+    plain = Row("The soup was cold.", "restaurants", tagged=True, tag_spans=[(4, 8)], terms=[((4, 8), 0)])
+    encodings = tokenizer.encode_batch([row.text, plain.text])
+    gold = targets([row, plain], encodings, max(len(e.ids) for e in encodings))
+    assert gold.span_labels.tolist() == [[2, IGNORE], [0, IGNORE]]  # the teacher's span is not gold
+    assert torch.allclose(gold.span_targets[0], torch.tensor([[0.1, 0.1, 0.8], [0.7, 0.2, 0.1]]))
+    assert gold.span_targets[1].tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]  # one-hot gold; padding empty
+
+
+def test_the_span_loss_on_one_hot_targets_is_the_plain_cross_entropy(tiny_model, tokenizer):
+    rows = [Row("The pasta was great.", "restaurants", terms=[((4, 9), 2)]),
+            Row("The soup was cold and the waiter rude.", "restaurants", terms=[((4, 8), 0), ((26, 32), 0)])]
+    tiny_model.eval()  # no dropout: both computations see the same logits
+    torch.manual_seed(0)
+    _, parts = batch_loss(tiny_model, tokenizer, rows)
+    encodings = tokenizer.encode_batch([r.text for r in rows])
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(e.ids) for e in encodings], batch_first=True)
+    mask = (ids != 0).long()
+    _, _, hidden, _ = tiny_model.text(ids, mask)
+    gold = targets(rows, encodings, ids.shape[1])
+    with torch.no_grad():
+        span_logits, _ = tiny_model.aspects(hidden, mask, gold.span_mask, torch.zeros((1, hidden.shape[-1])))
+    expected = torch.nn.functional.cross_entropy(span_logits.reshape(-1, 3), gold.span_labels.reshape(-1),
+                                                 ignore_index=IGNORE)
+    tiny_model.train()
+    assert parts["span"] == pytest.approx(expected.item(), abs=1e-4)

@@ -13,7 +13,11 @@ Contract:
       - ``category_set``: the category phrases this row's source annotates completely, so a phrase of that set
         that is not in ``queries`` is gold *absent* (SemEval-2014 Restaurants: its five categories; MAMS ACSA: its
         eight; silver rows: the configured categories' queries). Other rows' term queries are absent where their
-        words do not occur in the text.
+        words do not occur in the text;
+      - ``soft_terms``: (span, target distribution over the three polarities) from the MPNet teacher
+        (``training.onepass.teacher_targets``): on a gold term the gold one-hot mixed with the teacher's
+        probabilities, on a term the teacher extracted from an untagged sentence its probabilities alone. A span
+        listed here trains the span head on this distribution instead of its one-hot gold.
   * Silver rows (``training.onepass.silver``, optional): review sentences with the shipped packages' answer for
     every configured category; a present category whose polarity the teacher left UNCERTAIN trains presence
     only (polarity ``IGNORE``).
@@ -25,6 +29,7 @@ Contract:
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +48,11 @@ _POLARITY = {"negative": 0, "neutral": 1, "positive": 2}
 PHRASES = 60_000  # more than there are: all of them
 PHRASE_MIN_WORDS = 3
 DOC_DOMAINS = ("sst2", "sst2_phrases", *(f"blitzer_{d}" for d in BLITZER_DOMAINS))
+PRODUCT_SOURCE = "product-rows"
+# Sentences nobody labelled, for the teacher to tag (training.onepass.teacher_targets): the product domains of the
+# Blitzer training reviews, the nearest to the laptop reviews the SemEval data has few of.
+UNLABELLED_SOURCE = "unlabelled-reviews"
+UNLABELLED_DOMAINS = ("blitzer_electronics", "blitzer_kitchen")
 
 
 @dataclass
@@ -55,6 +65,7 @@ class Row:
     terms: list[tuple[tuple[int, int], int]] = field(default_factory=list)
     queries: list[tuple[str, int]] = field(default_factory=list)
     category_set: tuple[str, ...] = ()
+    soft_terms: list[tuple[tuple[int, int], list[float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -112,10 +123,11 @@ def absa_splits(dropped: Counter) -> tuple[list[Row], dict[str, list[Row]]]:
     return train, dev
 
 
-def doc_splits(data_root: Path | None = None) -> tuple[list[Row], dict[str, list[Row]], dict[str, str]]:
+def doc_splits(data_root: Path | None = None,
+               phrases: int = PHRASES) -> tuple[list[Row], dict[str, list[Row]], dict[str, str]]:
     """The binary domains of the document mix (SST-2, GLUE phrases, Blitzer) with the mix's dev cuts, with every
     GLUE phrase of at least ``PHRASE_MIN_WORDS`` words (see ``PHRASES``)."""
-    config = MixConfig(phrases=PHRASES, phrase_min_words=PHRASE_MIN_WORDS)
+    config = MixConfig(phrases=phrases, phrase_min_words=PHRASE_MIN_WORDS)
     if data_root:
         config.data_root = str(data_root)
     mix = build_mix(config)
@@ -131,12 +143,35 @@ def silver_rows(path: Path) -> list[Row]:
             for r in silver.read(path)]
 
 
-def build_splits(data_root: Path | None = None, silver_path: Path | None = None) -> Splits:
-    """Document rows + ABSA rows (+ silver category rows), dev texts removed from training (normalised match),
-    deterministic."""
+def product_rows(path: Path) -> list[Row]:
+    """The document model's product-review rows (``training.product_rows``: Blitzer review windows with their
+    review's label, polar SemEval/MAMS sentences), as document rows of source ``product-rows``."""
+    with path.open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [Row(r["text"], PRODUCT_SOURCE, doc_label=DOC_LABELS.index(r["label"])) for r in rows]
+
+
+def unlabelled_rows(product_path: Path, n: int, seed: int = 0) -> list[Row]:
+    """``n`` sentences (4–40 words, distinct, seeded) of the electronics and kitchen review windows of the product
+    rows file (training reviews only: the file never holds a dev-cut review), as rows without any gold."""
+    with product_path.open(encoding="utf-8") as f:
+        windows = [r["text"] for r in map(json.loads, f) if r.get("domain") in UNLABELLED_DOMAINS]
+    return [Row(text, UNLABELLED_SOURCE) for text in silver.sentences_from(windows, n, seed)]
+
+
+def build_splits(data_root: Path | None = None, silver_path: Path | None = None, phrases: int = PHRASES,
+                 product_path: Path | None = None, unlabelled: int = 0) -> Splits:
+    """Document rows (+ product-review rows) + ABSA rows (+ silver category rows, + ``unlabelled`` review
+    sentences without gold), dev texts removed from training (normalised match), deterministic."""
+    if unlabelled and product_path is None:
+        raise ValueError("unlabelled sentences are cut from the product rows file: name it")
     dropped: Counter = Counter()
     absa_train, absa_dev = absa_splits(dropped)
-    doc_train, doc_dev, sources = doc_splits(data_root)
+    doc_train, doc_dev, sources = doc_splits(data_root, phrases)
+    if product_path is not None:
+        doc_train += product_rows(product_path)
+    if unlabelled:
+        absa_train += unlabelled_rows(product_path, unlabelled)
     if silver_path is not None:
         absa_train += silver_rows(silver_path)
         absa_dev["silver-categories-dev"] = silver_rows(silver.ensure(silver.dev_path(silver_path), n=1000,
@@ -151,6 +186,7 @@ def build_splits(data_root: Path | None = None, silver_path: Path | None = None)
             continue
         train.append(row)
     notes = {"silver_sha256": silver.sha256_of(silver_path) if silver_path else None,
+             "product_rows_sha256": silver.sha256_of(product_path) if product_path else None,
              "dropped_polarity": dict(dropped), "removed_in_dev": dict(removed), "sources": sources,
              "train_by_source": dict(Counter(r.source for r in train))}
     return Splits(train, dev, notes)

@@ -34,11 +34,10 @@ from training.calibrate import confidence_reference, fit_temperature
 from training.evaluate import choose_threshold
 from training.export import ParityError, _ffn_matmuls
 from training.onepass import silver
-from training.onepass.data import build_splits
 from training.onepass.evaluate import Collected, collect, onnx_scorer, presence_by_query, summarize
 from training.onepass.export import export_graphs, export_package, quantize_encoder
 from training.onepass.model import OnePassModel
-from training.onepass.train import OnePassOptions, base_path, tokenizer_for
+from training.onepass.train import OnePassOptions, attention_for, base_path, cli_args, splits_for, tokenizer_for
 
 log = logging.getLogger("training.onepass.package")
 CALIBRATION_TEXTS = 1024
@@ -55,7 +54,8 @@ def variants(fp32_encoder: Path) -> list[tuple[str, list[str]]]:
 
 def load_trained(run: Path, base: str) -> OnePassModel:
     config = AutoConfig.from_pretrained(base)
-    model = OnePassModel(AutoModel.from_config(config, attn_implementation="sdpa", add_pooling_layer=False))
+    model = OnePassModel(AutoModel.from_config(config, attn_implementation=attention_for(config),
+                                               add_pooling_layer=False))
     model.load_state_dict(torch.load(run / "best.pt", map_location="cpu", weights_only=True)["model"])
     return model.eval()
 
@@ -84,15 +84,15 @@ def merged(parts: dict[str, Collected], names: list[str] | None = None) -> Colle
 
 def build(run: Path, output: Path, gate: dict[str, float] = GATE, limit: int | None = None) -> Path:
     trained_with = json.loads((run / "options.json").read_text()) if (run / "options.json").exists() else {}
-    options = OnePassOptions(out=run, base=trained_with.get("base"),
-                             max_length=int(trained_with.get("max_length", OnePassOptions.max_length)))
+    options = OnePassOptions.recorded(run)
     base = base_path(options)
     tokenizer_json = Path(base) / "tokenizer.json"
     tokenizer = tokenizer_for(base, options.max_length)
-    splits = build_splits(silver_path=Path(trained_with["silver"]) if trained_with.get("silver") else None)
-    recorded = trained_with.get("silver_sha256")
-    if recorded and recorded != splits.notes["silver_sha256"]:
-        raise silver.SilverChanged(f"{trained_with['silver']} changed since the run trained on it (sha256 {recorded})")
+    splits = splits_for(options)
+    for name in ("silver", "product_rows", "teacher_targets"):
+        recorded = trained_with.get(f"{name}_sha256")
+        if recorded and recorded != splits.notes[f"{name}_sha256"]:
+            raise silver.InputChanged(f"{trained_with[name]} changed since the run trained on it (sha256 {recorded})")
     model = load_trained(run, base)
     if limit:  # smoke runs
         splits.dev = {k: v[:limit] for k, v in splits.dev.items()}
@@ -149,9 +149,7 @@ def build(run: Path, output: Path, gate: dict[str, float] = GATE, limit: int | N
     recorded_options = trained_with or {k: str(v) for k, v in options.__dict__.items()}
     silver_dev = got_int8.get(f"{silver.SOURCE}-dev")
     trusted = trusted_queries(silver_dev)
-    train_args = (f"--out {run} --epochs {recorded_options.get('epochs')} --eval-every "
-                  f"{recorded_options.get('eval_every')}" + ("" if recorded_options.get("silver") else " --no-silver"))
-    rebuild = (f"`python -m training.onepass.train {train_args}` then "
+    rebuild = (f"`python -m training.onepass.train {cli_args(options)}` then "
                f"`python -m training.onepass.package --run {run} --output {output}`")
     report = render_report(scores, parity, doc_t, span_t, query_t, doc_choice, span_choice, history, splits.notes,
                            rebuild)

