@@ -14,7 +14,7 @@ from training.absa.data import AbsaSentence, AspectTerm
 from training.absa.tagger import IGNORE
 from training.onepass.data import Row, absa_row
 from training.onepass.export import export_package
-from training.onepass.model import OnePassModel
+from training.onepass.model import AspectHeads, OnePassModel
 from training.onepass.package import agreement
 from training.onepass.train import batch_loss, span_token_mask, targets, tokenizer_for
 
@@ -179,3 +179,34 @@ def test_the_span_loss_on_one_hot_targets_is_the_plain_cross_entropy(tiny_model,
                                                  ignore_index=IGNORE)
     tiny_model.train()
     assert parts["span"] == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_one_span_head_is_the_plain_attention_and_several_export_to_the_same_scores(tiny_encoder, tmp_path):
+    from training.onepass.export import export_graphs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    span_mask = torch.zeros((2, 2, 5))
+    span_mask[0, 0, 1], span_mask[0, 1, 3], span_mask[1, 0, 1:3] = 1.0, 1.0, 1.0
+    one = AspectHeads(64).eval()
+    with torch.no_grad():
+        got, _ = one(hidden, mask, span_mask, torch.zeros((1, 64)))
+        spans = (span_mask @ hidden) / span_mask.sum(-1, keepdim=True).clamp(min=1.0)
+        scores = one.span_query(spans) @ one.key(hidden).transpose(1, 2) / 8.0 + (1.0 - mask.unsqueeze(1)) * -1e4
+        context = torch.softmax(scores, -1) @ hidden
+        doc = (mask.unsqueeze(-1) * hidden).sum(1) / mask.sum(1, keepdim=True)
+        expected = one.span_mlp(torch.cat([spans, context, doc.unsqueeze(1).expand(-1, 2, -1)], -1))
+    torch.testing.assert_close(got, expected)
+
+    model = OnePassModel(AutoModel.from_pretrained(str(tiny_encoder), add_pooling_layer=False), span_heads=4).eval()
+    _, heads_path = export_graphs(model, tmp_path / "fp32")
+    h = torch.randn(2, 5, model.text.encoder.config.hidden_size)
+    queries = torch.randn(3, h.shape[-1])
+    with torch.no_grad():
+        span_logits, query_logits = model.aspects(h, mask, span_mask, queries)
+    session = ort.InferenceSession(str(heads_path), providers=["CPUExecutionProvider"])
+    onnx_span, onnx_query = session.run(None, {"hidden": h.numpy(), "attention_mask": mask.numpy(),
+                                               "span_mask": span_mask.numpy(), "queries": queries.numpy()})
+    np.testing.assert_allclose(onnx_span, span_logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(onnx_query, query_logits.numpy(), atol=1e-4)

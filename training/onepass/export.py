@@ -46,7 +46,8 @@ ASPECTS_FILE = "aspects.json"
 def eager_copy(model: OnePassModel) -> OnePassModel:
     """The same weights on eager attention: the exporter traces it into plain MatMul/Softmax that ORT fuses."""
     config = model.text.encoder.config
-    copy = OnePassModel(AutoModel.from_config(config, attn_implementation="eager", add_pooling_layer=False))
+    copy = OnePassModel(AutoModel.from_config(config, attn_implementation="eager", add_pooling_layer=False),
+                        span_heads=model.aspects.span_heads)
     copy.load_state_dict(model.state_dict())
     return copy.eval()
 

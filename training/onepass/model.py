@@ -8,8 +8,9 @@ Contract (the two ONNX graphs of the package mirror the two modules):
   * ``AspectHeads.forward(hidden, attention_mask, span_mask, queries)``:
       - ``span_logits`` [B, S, 3]: each span's mean token state (``span_mask`` [B, S, L], 1 on the span's tokens),
         the context it attends to (the span's mean as the query over the text's tokens: the opinion words about
-        *this* aspect, which a sentence with two aspects of opposite polarity needs) and the document state →
-        MLP → NEGATIVE / NEUTRAL / POSITIVE. n aspects found in a text cost one encoder pass plus this head.
+        *this* aspect, which a sentence with two aspects of opposite polarity needs; ``span_heads`` attention
+        heads, each over its slice of the states, concatenated) and the document state → MLP → NEGATIVE /
+        NEUTRAL / POSITIVE. n aspects found in a text cost one encoder pass plus this head.
       - ``query_logits`` [B, Q, 4]: for each query vector (``queries`` [Q, H]: the ``pooled`` state of the
         query's own words, a category phrase or a requested aspect, computed once per distinct query and cached),
         attention over the text's tokens → pooled evidence next to the query and the document state → MLP →
@@ -58,9 +59,12 @@ class OnePassEncoder(nn.Module):
 class AspectHeads(nn.Module):
     """Span polarity and query (category / requested aspect) heads over the shared token states."""
 
-    def __init__(self, hidden: int, dropout: float = 0.1) -> None:
+    def __init__(self, hidden: int, dropout: float = 0.1, span_heads: int = 1) -> None:
         super().__init__()
+        if hidden % span_heads:
+            raise ValueError(f"span_heads ({span_heads}) must divide the hidden size ({hidden})")
         self.scale = 1.0 / math.sqrt(hidden)
+        self.span_heads = span_heads
         self.span_mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(3 * hidden, hidden), nn.GELU(),
                                       nn.Dropout(dropout), nn.Linear(hidden, 3))
         self.key = nn.Linear(hidden, hidden)
@@ -78,8 +82,15 @@ class AspectHeads(nn.Module):
 
         spans = torch.matmul(span_mask.to(hidden.dtype), hidden)  # [B, S, H]
         spans = spans / span_mask.to(hidden.dtype).sum(dim=-1, keepdim=True).clamp(min=1.0)
-        span_scores = torch.matmul(self.span_query(spans), keys.transpose(1, 2)) * self.scale + padding  # [B, S, L]
-        context = torch.matmul(torch.softmax(span_scores, dim=-1), hidden)  # [B, S, H]
+        # Heads split the last dimension: [B, S, H] → [B, h, S, H/h] (one head: the plain attention).
+        heads = self.span_heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (heads, x.shape[-1] // heads)).transpose(1, 2)
+
+        span_scores = (torch.matmul(split(self.span_query(spans)), split(keys).transpose(-1, -2))
+                       * math.sqrt(heads) * self.scale + padding.unsqueeze(1))  # [B, h, S, L]
+        context = torch.matmul(torch.softmax(span_scores, dim=-1), split(hidden)).transpose(1, 2).flatten(-2)
         span_in = torch.cat([spans, context, doc.unsqueeze(1).expand(-1, spans.shape[1], -1)], dim=-1)
         span_logits = self.span_mlp(span_in)
 
@@ -95,7 +106,7 @@ class AspectHeads(nn.Module):
 class OnePassModel(nn.Module):
     """Both modules, for training (one object to save, load and optimise)."""
 
-    def __init__(self, encoder: nn.Module, dropout: float = 0.1) -> None:
+    def __init__(self, encoder: nn.Module, dropout: float = 0.1, span_heads: int = 1) -> None:
         super().__init__()
         self.text = OnePassEncoder(encoder, dropout)
-        self.aspects = AspectHeads(encoder.config.hidden_size, dropout)
+        self.aspects = AspectHeads(encoder.config.hidden_size, dropout, span_heads)

@@ -52,10 +52,10 @@ def variants(fp32_encoder: Path) -> list[tuple[str, list[str]]]:
             ("fp32-ffn", _ffn_matmuls(fp32_encoder))]
 
 
-def load_trained(run: Path, base: str) -> OnePassModel:
+def load_trained(run: Path, base: str, span_heads: int = 1) -> OnePassModel:
     config = AutoConfig.from_pretrained(base)
     model = OnePassModel(AutoModel.from_config(config, attn_implementation=attention_for(config),
-                                               add_pooling_layer=False))
+                                               add_pooling_layer=False), span_heads=span_heads)
     model.load_state_dict(torch.load(run / "best.pt", map_location="cpu", weights_only=True)["model"])
     return model.eval()
 
@@ -93,7 +93,7 @@ def build(run: Path, output: Path, gate: dict[str, float] = GATE, limit: int | N
         recorded = trained_with.get(f"{name}_sha256")
         if recorded and recorded != splits.notes[f"{name}_sha256"]:
             raise silver.InputChanged(f"{trained_with[name]} changed since the run trained on it (sha256 {recorded})")
-    model = load_trained(run, base)
+    model = load_trained(run, base, options.span_heads)
     if limit:  # smoke runs
         splits.dev = {k: v[:limit] for k, v in splits.dev.items()}
     rng = random.Random(0)

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModel
 
 from runtime.absa_models import decode_spans
 from runtime.numeric import softmax
@@ -62,15 +61,12 @@ def cache_key(kind: str, text: str) -> str:
 
 def load_teacher(run: Path) -> tuple[OnePassModel, object]:
     """The teacher run's selected weights (``best.pt``) on its base encoder, in eval mode, and its tokenizer."""
-    from training.onepass.train import attention_for, tokenizer_for
+    from training.onepass.package import load_trained
+    from training.onepass.train import OnePassOptions, base_path, tokenizer_for
 
-    options = json.loads((run / "options.json").read_text())
-    base, max_length = options["base"], int(options["max_length"])
-    config = AutoConfig.from_pretrained(base)
-    model = OnePassModel(AutoModel.from_config(config, attn_implementation=attention_for(config),
-                                               add_pooling_layer=False))
-    model.load_state_dict(torch.load(run / "best.pt", map_location="cpu", weights_only=True)["model"])
-    return model.eval(), tokenizer_for(base, max_length)
+    options = OnePassOptions.recorded(run)
+    base = base_path(options)
+    return load_trained(run, base, options.span_heads), tokenizer_for(base, options.max_length)
 
 
 def read_cache(path: Path) -> dict[str, dict]:

@@ -66,6 +66,7 @@ class OnePassOptions:
     teacher_alpha: float = 0.5  # weight of the teacher's distribution on a gold term
     teacher_temperature: float = 1.0
     init: Path | None = None  # start from these weights (a run's best.pt) instead of the pre-trained encoder
+    span_heads: int = 1  # attention heads of the span head's context (training.onepass.model.AspectHeads)
 
     @classmethod
     def recorded(cls, run: Path) -> OnePassOptions:
@@ -282,7 +283,7 @@ def train(options: OnePassOptions, splits: Splits, resume: bool = True) -> OnePa
     set_seed(options.seed)
     base = base_path(options)
     tokenizer = tokenizer_for(base, options.max_length)
-    model = OnePassModel(load_encoder(base))
+    model = OnePassModel(load_encoder(base), span_heads=options.span_heads)
     if options.init is not None:  # a second stage: the heads and encoder of an earlier run, then this run's data
         model.load_state_dict(torch.load(options.init, map_location="cpu", weights_only=True)["model"])
     rows, dev = task_rows(splits, options.tasks)
@@ -370,7 +371,7 @@ def optimizer_for(model: OnePassModel, options: OnePassOptions) -> torch.optim.O
 FLAGS = (("out", "--out"), ("epochs", "--epochs"), ("eval_every", "--eval-every"), ("base", "--base"),
          ("tasks", "--tasks"), ("lr", "--lr"), ("head_lr", "--head-lr"), ("phrases", "--phrases"),
          ("product_rows", "--product-rows"), ("unlabelled", "--unlabelled"), ("teacher_targets", "--teacher-targets"),
-         ("teacher_alpha", "--teacher-alpha"), ("init", "--init"))
+         ("teacher_alpha", "--teacher-alpha"), ("init", "--init"), ("span_heads", "--span-heads"))
 
 
 def cli_args(options: OnePassOptions) -> str:
@@ -398,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-targets", type=Path, default=None, help="training.onepass.teacher_targets' cache")
     parser.add_argument("--teacher-alpha", type=float, default=OnePassOptions.teacher_alpha)
     parser.add_argument("--init", type=Path, default=None, help="start from a run's best.pt")
+    parser.add_argument("--span-heads", type=int, default=OnePassOptions.span_heads,
+                        help="attention heads of the span head's context")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--no-silver", action="store_true", help="gold rows only (no silver category rows)")
     args = parser.parse_args(argv)
@@ -407,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
                              lr=args.lr, head_lr=args.head_lr, phrases=args.phrases, product_rows=args.product_rows,
                              unlabelled=args.unlabelled,
                              teacher_targets=args.teacher_targets, teacher_alpha=args.teacher_alpha, init=args.init,
+                             span_heads=args.span_heads,
                              silver=None if args.no_silver else OnePassOptions.silver)
     splits = splits_for(options)
     log.info("train %d rows %s; dev %s", len(splits.train), splits.notes["train_by_source"],
