@@ -51,6 +51,8 @@ def test_attach_mixes_gold_with_the_teacher_and_turns_extracted_spans_into_tags(
     assert got_untagged.soft_terms[0][0] == (25, 30) and np.argmax(got_untagged.soft_terms[0][1]) == 0
     assert got_untagged.queries == untagged.queries
     assert got_doc is doc
+    _, polarity_only, _ = attach([gold, untagged, doc], cache, alpha=0.5, tags=False)
+    assert not polarity_only.tagged and polarity_only.tag_spans == [] and polarity_only.soft_terms[0][0] == (25, 30)
 
 
 def test_score_writes_one_line_per_row_and_resumes_without_rescoring(tiny_encoder: Path, tmp_path: Path):
@@ -80,12 +82,13 @@ def test_score_writes_one_line_per_row_and_resumes_without_rescoring(tiny_encode
 def test_a_run_s_options_round_trip_through_options_json_and_the_command_line(tmp_path: Path):
     options = OnePassOptions(out=tmp_path, base="/models/mpnet", tasks="absa", lr=4e-5, phrases=10_000,
                              teacher_targets=tmp_path / "t.jsonl", teacher_alpha=0.7, init=tmp_path / "best.pt",
-                             silver=None)
+                             silver=None, teacher_tags=False, span_heads=6)
     (tmp_path / "options.json").write_text(json.dumps(
         {k: str(v) if v is not None else None for k, v in options.__dict__.items()}))
     assert OnePassOptions.recorded(tmp_path) == options
     args = cli_args(options)
-    assert "--tasks absa" in args and "--teacher-alpha 0.7" in args and args.endswith("--no-silver")
+    assert "--tasks absa" in args and "--teacher-alpha 0.7" in args and "--span-heads 6" in args
+    assert args.endswith("--no-silver --no-teacher-tags")
     assert "--head-lr" not in args  # defaults are left out
     assert teacher_targets.read_cache(tmp_path / "missing.jsonl") == {}
 

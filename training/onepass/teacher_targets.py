@@ -15,10 +15,12 @@ Contract:
     rows without terms are left alone (their gold says "no aspect"). One JSON line per (kind, text), appended
     after every batch: an interrupted run resumes with the rows it has not written. The cache is derived data
     under ``.cache`` (never committed); the package manifest records its sha256.
-  * ``attach(rows, cache, alpha, temperature)`` returns the rows with ``soft_terms`` (``training.onepass.data``):
-    on a gold term ``(1 − alpha)·one-hot + alpha·softmax(logits / temperature)``; on an untagged row the teacher's
-    spans become its tags and each span's target is ``softmax(logits / temperature)``. Rows the cache does not
-    know are returned unchanged.
+  * ``attach(rows, cache, alpha, temperature, tags)`` returns the rows with ``soft_terms``
+    (``training.onepass.data``): on a gold term ``(1 − alpha)·one-hot + alpha·softmax(logits / temperature)``; on
+    an untagged row each span the teacher extracted gets ``softmax(logits / temperature)``, and with ``tags`` its
+    spans also become the row's tags (leave it off when the teacher extracts worse than the student already
+    does: its silver tags would teach the student its mistakes). Rows the cache does not know are returned
+    unchanged.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def score(run: Path, rows: list[Row], cache: Path, threads: int = 2) -> dict[str
     return done
 
 
-def attach(rows: list[Row], cache: dict[str, dict], alpha: float = 0.5, temperature: float = 1.0) -> list[Row]:
+def attach(rows: list[Row], cache: dict[str, dict], alpha: float = 0.5, temperature: float = 1.0,
+           tags: bool = True) -> list[Row]:
     """``rows`` with the teacher's targets (module docstring); unknown rows unchanged."""
     out = []
     for row in rows:
@@ -134,7 +137,8 @@ def attach(rows: list[Row], cache: dict[str, dict], alpha: float = 0.5, temperat
             out.append(replace(row, soft_terms=soft))
         else:
             soft = [(s, [float(v) for v in p]) for s, p in zip(spans, probs, strict=True)]
-            out.append(replace(row, tagged=True, tag_spans=sorted(spans), soft_terms=soft))
+            out.append(replace(row, tagged=True, tag_spans=sorted(spans), soft_terms=soft) if tags
+                       else replace(row, soft_terms=soft))
     return out
 
 
@@ -146,10 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="cache file (default: <teacher>/targets.jsonl)")
     parser.add_argument("--product-rows", type=Path, default=None, help="as the student's run will name them")
     parser.add_argument("--unlabelled", type=int, default=0, help="as the student's run will name them")
+    parser.add_argument("--source", action="append", default=None,
+                        help="score only the rows of this source (repeatable; default: every source), e.g. "
+                             "mams-acsa, unlabelled-reviews, silver-categories, restaurants")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     splits = splits_for(OnePassOptions(product_rows=args.product_rows, unlabelled=args.unlabelled))
-    cache = score(args.teacher, splits.train, args.out or args.teacher / "targets.jsonl")
+    rows = [r for r in splits.train if args.source is None or r.source in args.source]
+    cache = score(args.teacher, rows, args.out or args.teacher / "targets.jsonl")
     kinds = [e["kind"] for e in cache.values()]
     print(json.dumps({"rows": len(cache), "gold": kinds.count(GOLD), "extract": kinds.count(EXTRACT),
                       "extracted_spans": sum(len(e["spans"]) for e in cache.values() if e["kind"] == EXTRACT)}))

@@ -65,6 +65,7 @@ class OnePassOptions:
     teacher_targets: Path | None = None  # training.onepass.teacher_targets' cache: soft span targets, silver terms
     teacher_alpha: float = 0.5  # weight of the teacher's distribution on a gold term
     teacher_temperature: float = 1.0
+    teacher_tags: bool = True  # the teacher's extracted spans also train the tagger (teacher_targets.attach)
     init: Path | None = None  # start from these weights (a run's best.pt) instead of the pre-trained encoder
     span_heads: int = 1  # attention heads of the span head's context (training.onepass.model.AspectHeads)
 
@@ -80,7 +81,8 @@ class OnePassOptions:
                 continue
             default = getattr(cls, name)
             kind = "Path" if "Path" in str(fields[name]) else type(default).__name__
-            values[name] = {"Path": Path, "int": int, "float": float, "str": str}.get(kind, str)(raw)
+            parse = {"Path": Path, "int": int, "float": float, "bool": lambda v: str(v) == "True"}.get(kind, str)
+            values[name] = parse(raw)
         if "silver" in saved and saved["silver"] is None:
             values["silver"] = None
         return cls(**values)
@@ -116,7 +118,7 @@ def splits_for(options: OnePassOptions) -> Splits:
     if options.teacher_targets is not None:
         cache = teacher_targets.read_cache(options.teacher_targets)
         splits.train = teacher_targets.attach(splits.train, cache, options.teacher_alpha,
-                                              options.teacher_temperature)
+                                              options.teacher_temperature, options.teacher_tags)
         splits.notes["teacher_targets_sha256"] = silver.sha256_of(options.teacher_targets)
         splits.notes["teacher_targets_rows"] = sum(bool(r.soft_terms) for r in splits.train)
     return splits
@@ -378,7 +380,8 @@ def cli_args(options: OnePassOptions) -> str:
     """The command-line arguments that rebuild ``options`` (those that differ from the defaults)."""
     args = [f"{flag} {getattr(options, name)}" for name, flag in FLAGS
             if name == "out" or getattr(options, name) != getattr(OnePassOptions, name)]
-    return " ".join(args + ([] if options.silver else ["--no-silver"]))
+    return " ".join(args + ([] if options.silver else ["--no-silver"])
+                    + ([] if options.teacher_tags else ["--no-teacher-tags"]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -398,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="review sentences without gold for the teacher to tag (needs --product-rows)")
     parser.add_argument("--teacher-targets", type=Path, default=None, help="training.onepass.teacher_targets' cache")
     parser.add_argument("--teacher-alpha", type=float, default=OnePassOptions.teacher_alpha)
+    parser.add_argument("--no-teacher-tags", action="store_true",
+                        help="the teacher's extracted spans train the span head only, not the tagger")
     parser.add_argument("--init", type=Path, default=None, help="start from a run's best.pt")
     parser.add_argument("--span-heads", type=int, default=OnePassOptions.span_heads,
                         help="attention heads of the span head's context")
@@ -410,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
                              lr=args.lr, head_lr=args.head_lr, phrases=args.phrases, product_rows=args.product_rows,
                              unlabelled=args.unlabelled,
                              teacher_targets=args.teacher_targets, teacher_alpha=args.teacher_alpha, init=args.init,
-                             span_heads=args.span_heads,
+                             span_heads=args.span_heads, teacher_tags=not args.no_teacher_tags,
                              silver=None if args.no_silver else OnePassOptions.silver)
     splits = splits_for(options)
     log.info("train %d rows %s; dev %s", len(splits.train), splits.notes["train_by_source"],
