@@ -108,3 +108,18 @@ def test_unlabelled_rows_are_product_review_sentences_without_gold(tmp_path: Pat
                                             "The lid broke after a week of use."]
     assert all(r.source == UNLABELLED_SOURCE and kind_of(r) == EXTRACT for r in rows)
     assert len(unlabelled_rows(path, 2)) == 2
+
+
+def test_the_package_report_names_the_teacher_targets_it_trained_on():
+    from types import SimpleNamespace
+
+    from training.onepass.package import render_report
+
+    choice = SimpleNamespace(threshold=0.8, rule="rule")
+    scores = {"int8": {"sst2": {"n": 1, "doc_accuracy": 0.9}}, "fp32": {"sst2": {"n": 1, "doc_accuracy": 0.9}}}
+    notes = {"silver_sha256": "s", "train_by_source": {"sst2": 1}}
+    plain = render_report(scores, {"variant": "all-int8"}, 1.0, 1.0, 1.0, choice, choice, [], notes, "cmd")
+    assert "Teacher targets" not in plain
+    taught = render_report(scores, {"variant": "all-int8"}, 1.0, 1.0, 1.0, choice, choice, [],
+                           {**notes, "teacher_targets_sha256": "abc", "teacher_targets_rows": 7}, "cmd")
+    assert "sha256 abc): 7 training rows" in taught

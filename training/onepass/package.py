@@ -208,6 +208,9 @@ def render_report(scores: dict, parity: dict, doc_t: float, span_t: float, query
              "silver category rows (the shipped pair classifier + embedder on Blitzer training-review sentences, "
              f"`training/onepass/silver.py`, sha256 {notes.get('silver_sha256')}): "
              f"{json.dumps(notes['train_by_source'])}.", "",
+             *([f"Teacher targets (`training/onepass/teacher_targets.py`, sha256 {notes['teacher_targets_sha256']}): "
+                f"{notes['teacher_targets_rows']} training rows carry the teacher's span distributions.", ""]
+               if notes.get("teacher_targets_sha256") else []),
              "## Dev, INT8 (served graphs) and fp32", "",
              "| dev set | n | doc acc | tag F1 (P/R) | span acc | span macro-F1 | category acc | presence acc (P/R) |"
              " UNCERTAIN doc / span |", "|---|---|---|---|---|---|---|---|---|"]
