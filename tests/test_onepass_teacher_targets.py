@@ -74,8 +74,11 @@ def test_score_writes_one_line_per_row_and_resumes_without_rescoring(tiny_encode
     lines = cache_path.read_text().splitlines()
     assert len(lines) == 2
     rows.append(Row("The screen is bright.", "laptops", tagged=True, tag_spans=[(4, 10)], terms=[((4, 10), 2)]))
+    with cache_path.open("a") as f:
+        f.write('{"key": "cut short by a ki')  # a kill in the middle of a write
+    assert len(read_cache(cache_path)) == 2
     score(run, rows, cache_path)
-    assert len(cache_path.read_text().splitlines()) == 3  # only the new row was scored
+    assert len(cache_path.read_text().splitlines()) == 3  # only the new row was scored, the cut line dropped
     assert read_cache(cache_path)[cache_key(GOLD, rows[0].text)] == entry
 
 

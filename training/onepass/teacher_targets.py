@@ -13,7 +13,8 @@ Contract:
     the spans its tagger extracts (decoded per word, ``runtime.absa_models.decode_spans``: code-point offsets,
     so the student's tokenizer can place them) and the span head's logits on them (kind ``extract``). Tagged
     rows without terms are left alone (their gold says "no aspect"). One JSON line per (kind, text), appended
-    after every batch: an interrupted run resumes with the rows it has not written. The cache is derived data
+    after every batch: an interrupted run resumes with the rows it has not written (a line a kill cut short is
+    dropped first). The cache is derived data
     under ``.cache`` (never committed); the package manifest records its sha256.
   * ``attach(rows, cache, alpha, temperature, tags)`` returns the rows with ``soft_terms``
     (``training.onepass.data``): on a gold term ``(1 − alpha)·one-hot + alpha·softmax(logits / temperature)``; on
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from runtime.absa_models import decode_spans
 from runtime.numeric import softmax
@@ -61,7 +63,7 @@ def cache_key(kind: str, text: str) -> str:
     return hashlib.sha256(f"{kind}\0{text}".encode()).hexdigest()
 
 
-def load_teacher(run: Path) -> tuple[OnePassModel, object]:
+def load_teacher(run: Path) -> tuple[OnePassModel, Tokenizer]:
     """The teacher run's selected weights (``best.pt``) on its base encoder, in eval mode, and its tokenizer."""
     from training.onepass.package import load_trained
     from training.onepass.train import OnePassOptions, base_path, tokenizer_for
@@ -72,10 +74,19 @@ def load_teacher(run: Path) -> tuple[OnePassModel, object]:
 
 
 def read_cache(path: Path) -> dict[str, dict]:
+    """The cache's entries by key. A last line without its newline (a kill during the write) is not an entry."""
     if not path.exists():
         return {}
-    with path.open(encoding="utf-8") as f:
-        return {entry["key"]: entry for entry in map(json.loads, f) if entry}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return {entry["key"]: entry for entry in map(json.loads, lines[:-1])}
+
+
+def drop_partial_tail(path: Path) -> None:
+    """Cut a last line that a kill left without its newline, so that the next append starts a line of its own."""
+    if path.exists():
+        body = path.read_bytes()
+        if body and not body.endswith(b"\n"):
+            path.write_bytes(body[: body.rfind(b"\n") + 1])
 
 
 @torch.no_grad()
@@ -84,6 +95,7 @@ def score(run: Path, rows: list[Row], cache: Path, threads: int = 2) -> dict[str
     from training.onepass.train import encode_texts, span_token_mask
 
     torch.set_num_threads(threads)
+    drop_partial_tail(cache)
     done = read_cache(cache)
     todo = {cache_key(k, r.text): (k, r) for r in rows if (k := kind_of(r)) and cache_key(k, r.text) not in done}
     log.info("teacher targets: %d cached, %d to score", len(done), len(todo))
