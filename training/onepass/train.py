@@ -6,7 +6,8 @@ Contract, per step (order matters for resume: the batch order of an epoch is a f
      of its rows, so absent categories are seen) are encoded by the same encoder; their ``pooled`` states are
      the query vectors;
   3. losses, each a mean over the items that have gold and left out when none has:
-     document CE, tagging CE (tagged rows), span polarity CE (term spans), query polarity CE (present queries),
+     document CE, tagging CE (tagged rows), span polarity CE against each span's target distribution (one-hot gold,
+     or the teacher's: ``teacher_targets``), query polarity CE (present queries),
      and presence BCE with positives and negatives averaged separately (there are ~30 absent per present);
   4. AdamW step, linear warm-up/decay, gradient clipping 1.0.
 Every ``eval_every`` steps: dev scores (``evaluate.dev_scores``), and ``ckpt/last.pt`` written atomically with
