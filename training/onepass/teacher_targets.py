@@ -16,12 +16,11 @@ Contract:
     after every batch: an interrupted run resumes with the rows it has not written (a line a kill cut short is
     dropped first). The cache is derived data
     under ``.cache`` (never committed); the package manifest records its sha256.
-  * ``attach(rows, cache, alpha, temperature, tags)`` returns the rows with ``soft_terms``
-    (``training.onepass.data``): on a gold term ``(1 − alpha)·one-hot + alpha·softmax(logits / temperature)``; on
-    an untagged row each span the teacher extracted gets ``softmax(logits / temperature)``, and with ``tags`` its
-    spans also become the row's tags (leave it off when the teacher extracts worse than the student already
-    does: its silver tags would teach the student its mistakes). Rows the cache does not know are returned
-    unchanged.
+  * ``attach(rows, cache, alpha, tags)`` returns the rows with ``soft_terms`` (``training.onepass.data``): on a
+    gold term ``(1 − alpha)·one-hot + alpha·softmax(logits)``; on an untagged row each span the teacher
+    extracted gets ``softmax(logits)``, and with ``tags`` its spans also become the row's tags (leave it off when
+    the teacher extracts worse than the student already does: its silver tags would teach the student its
+    mistakes). Rows the cache does not know are returned unchanged.
 """
 
 from __future__ import annotations
@@ -130,8 +129,7 @@ def score(run: Path, rows: list[Row], cache: Path, threads: int = 2) -> dict[str
     return done
 
 
-def attach(rows: list[Row], cache: dict[str, dict], alpha: float = 0.5, temperature: float = 1.0,
-           tags: bool = True) -> list[Row]:
+def attach(rows: list[Row], cache: dict[str, dict], alpha: float = 0.5, tags: bool = True) -> list[Row]:
     """``rows`` with the teacher's targets (module docstring); unknown rows unchanged."""
     out = []
     for row in rows:
@@ -141,7 +139,7 @@ def attach(rows: list[Row], cache: dict[str, dict], alpha: float = 0.5, temperat
             out.append(row)
             continue
         spans = [tuple(s) for s in entry["spans"]]
-        probs = softmax(np.array(entry["logits"], dtype=np.float64).reshape(-1, 3), temperature)
+        probs = softmax(np.array(entry["logits"], dtype=np.float64).reshape(-1, 3))
         if kind == GOLD:
             gold = dict(row.terms)
             soft = [(s, [float((1 - alpha) * (k == gold[s]) + alpha * p[k]) for k in range(3)])

@@ -65,7 +65,6 @@ class OnePassOptions:
     unlabelled: int = 0  # review sentences without gold (from the product rows file) for the teacher to tag
     teacher_targets: Path | None = None  # training.onepass.teacher_targets' cache: soft span targets, silver terms
     teacher_alpha: float = 0.5  # weight of the teacher's distribution on a gold term
-    teacher_temperature: float = 1.0
     teacher_tags: bool = True  # the teacher's extracted spans also train the tagger (teacher_targets.attach)
     init: Path | None = None  # start from these weights (a run's best.pt) instead of the pre-trained encoder
     span_heads: int = 1  # attention heads of the span head's context (training.onepass.model.AspectHeads)
@@ -111,15 +110,14 @@ def load_encoder(base: str) -> nn.Module:
 
 def splits_for(options: OnePassOptions) -> Splits:
     """The rows a run trains on, rebuilt the same way by the package step: document + ABSA (+ silver categories,
-    + product rows), with the teacher's targets attached when a cache is named."""
+    + product rows, + unlabelled review sentences), with the teacher's targets attached when a cache is named."""
     from training.onepass import teacher_targets
 
     splits = build_splits(silver_path=silver.ensure(options.silver) if options.silver else None,
                           phrases=options.phrases, product_path=options.product_rows, unlabelled=options.unlabelled)
     if options.teacher_targets is not None:
         cache = teacher_targets.read_cache(options.teacher_targets)
-        splits.train = teacher_targets.attach(splits.train, cache, options.teacher_alpha,
-                                              options.teacher_temperature, options.teacher_tags)
+        splits.train = teacher_targets.attach(splits.train, cache, options.teacher_alpha, options.teacher_tags)
         splits.notes["teacher_targets_sha256"] = silver.sha256_of(options.teacher_targets)
         splits.notes["teacher_targets_rows"] = sum(bool(r.soft_terms) for r in splits.train)
     return splits
