@@ -90,6 +90,9 @@ class AspectHeads(nn.Module):
 
         span_scores = (torch.matmul(split(self.span_query(spans)), split(keys).transpose(-1, -2))
                        * math.sqrt(heads) * self.scale + padding.unsqueeze(1))  # [B, h, S, L]
+        bias = self.span_bias(span_mask)
+        if bias is not None:
+            span_scores = span_scores + bias
         context = torch.matmul(torch.softmax(span_scores, dim=-1), split(hidden)).transpose(1, 2).flatten(-2)
         span_in = torch.cat([spans, context, doc.unsqueeze(1).expand(-1, spans.shape[1], -1)], dim=-1)
         span_logits = self.span_mlp(span_in)
@@ -101,6 +104,11 @@ class AspectHeads(nn.Module):
         query_in = torch.cat([evidence, queries.unsqueeze(0).expand(b, -1, -1),
                               doc.unsqueeze(1).expand(-1, n, -1)], dim=-1)
         return span_logits, self.query_mlp(query_in)
+
+    def span_bias(self, span_mask: torch.Tensor) -> torch.Tensor | None:
+        """An additive bias [B, h, S, L] on the span context's attention scores; none in the served design.
+        ``training.onepass.probe`` overrides it to test span-relative position (it did not help, ``worker/ABSA.md``)."""
+        return None
 
 
 class OnePassModel(nn.Module):
