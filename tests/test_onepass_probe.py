@@ -12,6 +12,7 @@ from training.onepass.model import AspectHeads, OnePassModel
 from training.onepass.probe import (
     DistanceBiasHeads,
     Item,
+    TopLayerRerun,
     batch_of,
     fit,
     span_distance,
@@ -74,3 +75,25 @@ def test_states_keep_only_polar_terms_and_pad_into_batches(tiny_encoder: Path):
     hidden, mask, span_mask, labels = batch_of(items)
     assert span_mask.sum(-1).gt(0).all() and labels.tolist() == [[2, 0]]
     assert hidden.shape[1] == mask.sum() == len(items[0].spans[0][0])
+
+
+def test_the_top_layer_rerun_starts_as_the_run_itself_and_its_marker_conditions_it(tiny_encoder: Path):
+    torch.manual_seed(0)
+    model = OnePassModel(AutoModel.from_pretrained(str(tiny_encoder), add_pooling_layer=False)).eval()
+    rows = [Row("The pasta was great but the waiter was rude.", "restaurants", terms=[((4, 9), 2), ((28, 34), 0)]),
+            Row("Battery life is short.", "laptops", terms=[((0, 12), 0)])]
+    items = token_states(model, tokenizer_for(str(tiny_encoder), 64), rows)
+    rerun = TopLayerRerun(model.text.encoder.encoder.layer[-1], model.aspects).eval()
+    below, mask, span_mask, labels = batch_of(items, "below")
+    hidden = batch_of(items)[0]
+    real = labels != -100
+    with torch.no_grad():
+        # The marker starts at zero: re-running the last layer on the states that entered it gives the run's own
+        # span logits (fp16 states: a small tolerance), for every real span and whatever the other spans are.
+        served = span_logits(model.aspects, hidden, mask, span_mask)
+        start = span_logits(rerun, below, mask, span_mask)[real]
+        torch.testing.assert_close(start, served[real], atol=3e-3, rtol=0)
+        # A random direction (a constant one would vanish in the layer norm's centring) at the states' unit scale.
+        rerun.marker.copy_(torch.randn(rerun.marker.shape) * 3.0)
+        moved = (span_logits(rerun, below, mask, span_mask)[real] - start).abs().amax(-1)
+        assert (moved > 1e-2).all(), moved

@@ -21,7 +21,11 @@ Variants:
   * ``conditioned-layer``: one fresh transformer layer per (text, aspect) over the states, with a learned marker
     added on the aspect's tokens and a distance embedding on every token, then the aspect's mean state, the first
     token's state and the document state → MLP: a re-encoding that knows which aspect it answers for (about a
-    ninth of the encoder's cost per aspect, were it served).
+    ninth of the encoder's cost per aspect, were it served);
+  * ``top-layer``: the run's OWN last encoder layer and span head, re-run per (text, aspect) on the states that
+    entered that layer, with a learned marker (zero at the start) added on the aspect's tokens. At the start it
+    is exactly the run's model, so its epochs measure what conditioning the top layer on the aspect adds (a
+    sixth of the encoder's cost per aspect, were it served). Layer lr ``TOP_LAYER_LR``, head ``HEAD_LR``.
 The states of a fine-tuned run were shaped with its own head, so the probe says what a head can read from them;
 it does not say what a jointly trained encoder would learn.
 """
@@ -29,6 +33,7 @@ it does not say what a jointly trained encoder would learn.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -52,13 +57,15 @@ log = logging.getLogger("training.onepass.probe")
 DEV_SETS = ("semeval14-restaurants-devcut", "semeval14-laptops-devcut", "mams-atsa-val")
 DISTANCE_BUCKETS = (1, 2, 3, 4, 6, 8, 11, 15, 20, 28)  # thresholds: bucket k holds distances in [t_k, t_k+1)
 LAST = 4
-VARIANTS = ("served", "distance", "conditioned-layer")
+VARIANTS = ("served", "distance", "conditioned-layer", "top-layer")
+FRESH_LR, TOP_LAYER_LR, HEAD_LR, MARKER_LR = 1e-3, 5e-5, 2e-4, 1e-3
 
 
 @dataclass
 class Item:
-    hidden: torch.Tensor  # [L, H] fp16: one sentence's token states
+    hidden: torch.Tensor  # [L, H] fp16: one sentence's token states (the encoder's output)
     spans: list[tuple[list[int], int]]  # (token mask, gold polarity) per polar term
+    below: torch.Tensor | None = None  # [L, H] fp16: the states that entered the encoder's last layer
 
 
 def token_states(model: OnePassModel, tokenizer: Tokenizer, rows: list[Row], batch: int = 64) -> list[Item]:
@@ -70,18 +77,25 @@ def token_states(model: OnePassModel, tokenizer: Tokenizer, rows: list[Row], bat
         encodings = tokenizer.encode_batch([r.text for r in part])
         ids, mask = pad([e.ids for e in encodings]), pad([[1] * len(e.ids) for e in encodings])
         with torch.no_grad():
-            hidden = model.text(ids, mask)[2]
+            states = model.text.encoder(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                                        output_hidden_states=True).hidden_states
         for i, (row, enc) in enumerate(zip(part, encodings, strict=True)):
             spans = [(m, label) for m, label in ((span_token_mask(enc, s), label) for s, label in row.terms) if any(m)]
             if spans:
-                items.append(Item(hidden[i, : len(enc.ids)].half().clone(), spans))
+                n = len(enc.ids)
+                items.append(Item(states[-1][i, :n].half().clone(), spans, states[-2][i, :n].half().clone()))
     return items
+
+
+def load_run(run: Path) -> OnePassModel:
+    from training.onepass.package import load_trained
+
+    options = OnePassOptions.recorded(run)
+    return load_trained(run, base_path(options), options.span_heads)
 
 
 def load_states(run: Path) -> dict[str, list[Item]]:
     """``train`` and the ``DEV_SETS``, from the cache when it was built from the same ``best.pt``."""
-    from training.onepass.package import load_trained
-
     digest = hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()
     cache = run / "probe-states.pt"
     if cache.exists():
@@ -89,8 +103,7 @@ def load_states(run: Path) -> dict[str, list[Item]]:
         if saved["best_sha256"] == digest:
             return saved["sets"]
     options = OnePassOptions.recorded(run)
-    base = base_path(options)
-    model, tokenizer = load_trained(run, base, options.span_heads), tokenizer_for(base, options.max_length)
+    model, tokenizer = load_run(run), tokenizer_for(base_path(options), options.max_length)
     train, dev = absa_splits(Counter())
     sets = {"train": token_states(model, tokenizer, train), **{k: token_states(model, tokenizer, dev[k])
                                                               for k in DEV_SETS}}
@@ -98,15 +111,16 @@ def load_states(run: Path) -> dict[str, list[Item]]:
     return sets
 
 
-def batch_of(items: list[Item]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded hidden [B, L, H], attention mask [B, L], span mask [B, S, L], labels [B, S] (IGNORE = padding)."""
+def batch_of(items: list[Item], reads: str = "hidden") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded states [B, L, H] (``reads``: the Item field, ``hidden`` or ``below``), attention mask [B, L], span
+    mask [B, S, L], labels [B, S] (IGNORE = padding)."""
     width, n_spans = max(i.hidden.shape[0] for i in items), max(len(i.spans) for i in items)
     hidden = torch.zeros(len(items), width, items[0].hidden.shape[1])
     mask = torch.zeros(len(items), width, dtype=torch.long)
     span_mask = torch.zeros(len(items), n_spans, width)
     labels = torch.full((len(items), n_spans), IGNORE, dtype=torch.long)
     for b, item in enumerate(items):
-        hidden[b, : item.hidden.shape[0]], mask[b, : item.hidden.shape[0]] = item.hidden.float(), 1
+        hidden[b, : item.hidden.shape[0]], mask[b, : item.hidden.shape[0]] = getattr(item, reads).float(), 1
         for j, (m, label) in enumerate(item.spans):
             span_mask[b, j, : len(m)], labels[b, j] = torch.tensor(m, dtype=torch.float32), label
     return hidden, mask, span_mask, labels
@@ -158,13 +172,48 @@ class ConditionedLayer(nn.Module):
         return self.mlp(torch.cat([spans, x[:, :, 0], doc], -1))
 
 
+class TopLayerRerun(nn.Module):
+    """A run's last encoder layer and span head, re-run once per (text, aspect) with a marker on the aspect.
+
+    Reads the states that ENTERED the last layer (``reads``). Only real spans are re-encoded (padding rows of the
+    span mask are skipped); their logits are scattered back to [B, S, 3], zero on padding.
+    """
+
+    reads = "below"
+
+    def __init__(self, layer: nn.Module, heads: AspectHeads) -> None:
+        super().__init__()
+        self.layer, self.heads = copy.deepcopy(layer), copy.deepcopy(heads)
+        self.marker = nn.Parameter(torch.zeros(heads.key.in_features))
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.layer.parameters(), "lr": TOP_LAYER_LR},
+                {"params": self.heads.parameters(), "lr": HEAD_LR}, {"params": [self.marker], "lr": MARKER_LR}]
+
+    def forward(self, below: torch.Tensor, mask: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
+        rows, spans = span_mask.sum(-1).nonzero(as_tuple=True)  # the real (text, span) pairs
+        one_span = span_mask[rows, spans]  # [P, L]
+        x = below[rows] + one_span.unsqueeze(-1) * self.marker
+        # BERT's additive mask [P, 1, 1, L]: padding tokens receive no attention.
+        additive = (1.0 - mask[rows].to(x.dtype))[:, None, None, :] * torch.finfo(x.dtype).min
+        out = self.layer(x, attention_mask=additive)[0]
+        logits = self.heads(out, mask[rows], one_span.unsqueeze(1), torch.zeros((1, x.shape[-1])))[0][:, 0]
+        full = torch.zeros(*span_mask.shape[:2], 3, dtype=logits.dtype)
+        full[rows, spans] = logits
+        return full
+
+
 def span_logits(head: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
     if isinstance(head, AspectHeads):  # the query head needs a query: one zero vector, its output unused
         return head(hidden, mask, span_mask, torch.zeros((1, hidden.shape[-1])))[0]
     return head(hidden, mask, span_mask)
 
 
-def make_head(variant: str, hidden: int, span_heads: int) -> nn.Module:
+def make_head(variant: str, hidden: int, span_heads: int, trained: OnePassModel | None = None) -> nn.Module:
+    if variant == "top-layer":
+        if trained is None:
+            raise ValueError("the top-layer variant re-runs a trained model's last layer: pass the run's model")
+        return TopLayerRerun(trained.text.encoder.encoder.layer[-1], trained.aspects)
     if variant == "served":
         return AspectHeads(hidden, span_heads=span_heads)
     if variant == "distance":
@@ -179,26 +228,32 @@ def accuracy(head: nn.Module, items: list[Item], batch: int = 128) -> float:
     right = total = 0
     with torch.no_grad():
         for lo in range(0, len(items), batch):
-            hidden, mask, span_mask, labels = batch_of(items[lo:lo + batch])
+            hidden, mask, span_mask, labels = batch_of(items[lo:lo + batch], getattr(head, "reads", "hidden"))
             predicted, has_gold = span_logits(head, hidden, mask, span_mask).argmax(-1), labels != IGNORE
             right, total = right + int((predicted[has_gold] == labels[has_gold]).sum()), total + int(has_gold.sum())
     head.train()
     return right / max(total, 1)
 
 
-def fit(variant: str, sets: dict[str, list[Item]], epochs: int, seed: int, span_heads: int) -> list[dict[str, float]]:
-    """Dev span accuracy (%) per epoch of one fresh head trained on the frozen training states."""
+def fit(variant: str, sets: dict[str, list[Item]], epochs: int, seed: int, span_heads: int,
+        trained: OnePassModel | None = None) -> list[dict[str, float]]:
+    """Dev span accuracy (%) per epoch of one head trained on the frozen training states (fresh, or for
+    ``top-layer`` a copy of ``trained``'s last layer and span head)."""
     torch.manual_seed(seed)
     train = sets["train"]
-    head = make_head(variant, train[0].hidden.shape[1], span_heads)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
+    head = make_head(variant, train[0].hidden.shape[1], span_heads, trained)
+    groups = head.param_groups() if isinstance(head, TopLayerRerun) else [{"params": head.parameters(), "lr": FRESH_LR}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    reads = getattr(head, "reads", "hidden")
+    log.info("%s seed %d before training: %s", variant, seed,
+             {name: round(100 * accuracy(head, sets[name]), 2) for name in sets if name != "train"})
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
     rng = np.random.default_rng(seed)
     history = []
     for _ in range(epochs):
         order = rng.permutation(len(train))
         for lo in range(0, len(order), 32):
-            hidden, mask, span_mask, labels = batch_of([train[i] for i in order[lo:lo + 32]])
+            hidden, mask, span_mask, labels = batch_of([train[i] for i in order[lo:lo + 32]], reads)
             loss = loss_fn(span_logits(head, hidden, mask, span_mask).reshape(-1, 3), labels.reshape(-1))
             loss.backward()
             optimizer.step()
@@ -220,17 +275,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", choices=VARIANTS, help="repeatable (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=6, help="attention heads of every variant's context")
+    parser.add_argument("--heads", type=int, default=6,
+                        help="attention heads of the fresh variants' context (top-layer keeps the run's)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     sets = load_states(args.run)
     log.info("sentences with polar terms: %s", {k: len(v) for k, v in sets.items()})
+    variants = args.variant or VARIANTS
+    trained = load_run(args.run) if "top-layer" in variants else None
     results = {}
-    for variant in args.variant or VARIANTS:
+    for variant in variants:
         started = time.perf_counter()
-        histories = [fit(variant, sets, args.epochs, seed, args.heads) for seed in args.seeds]
+        histories = [fit(variant, sets, args.epochs, seed, args.heads, trained) for seed in args.seeds]
         results[variant] = {"summary": summary(histories), "per_seed": histories,
                             "seconds": round(time.perf_counter() - started, 1)}
         log.info("%s: %s (%.0f s)", variant, json.dumps(results[variant]["summary"]), results[variant]["seconds"])
