@@ -97,3 +97,11 @@ def test_the_top_layer_rerun_starts_as_the_run_itself_and_its_marker_conditions_
         rerun.marker.copy_(torch.randn(rerun.marker.shape) * 3.0)
         moved = (span_logits(rerun, below, mask, span_mask)[real] - start).abs().amax(-1)
         assert (moved > 1e-2).all(), moved
+
+
+def test_the_unmarked_control_trains_the_same_layer_and_head_but_never_its_marker(tiny_encoder: Path):
+    model = OnePassModel(AutoModel.from_pretrained(str(tiny_encoder), add_pooling_layer=False)).eval()
+    marked = TopLayerRerun(model.text.encoder.encoder.layer[-1], model.aspects)
+    control = TopLayerRerun(model.text.encoder.encoder.layer[-1], model.aspects, marked=False)
+    trained = [sum(p.numel() for g in r.param_groups() for p in g["params"]) for r in (marked, control)]
+    assert trained[0] - trained[1] == marked.marker.numel() and not control.marker.requires_grad

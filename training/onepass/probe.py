@@ -25,9 +25,14 @@ Variants:
   * ``top-layer``: the run's OWN last encoder layer and span head, re-run per (text, aspect) on the states that
     entered that layer, with a learned marker (zero at the start) added on the aspect's tokens. At the start it
     is exactly the run's model, so its epochs measure what conditioning the top layer on the aspect adds (a
-    sixth of the encoder's cost per aspect, were it served). Layer lr ``TOP_LAYER_LR``, head ``HEAD_LR``.
-The states of a fine-tuned run were shaped with its own head, so the probe says what a head can read from them;
-it does not say what a jointly trained encoder would learn.
+    sixth of the encoder's cost per aspect, were it served). Layer lr ``TOP_LAYER_LR``, head ``HEAD_LR``;
+  * ``top-layer-unmarked``: the same with the marker held at zero, the control: the same trainable capacity
+    without knowing which aspect it answers for.
+The states of a fine-tuned run were shaped with its own head on these very training sentences (its span loss is
+near zero there), so the probe says what a head can read from them; it does not say what a jointly trained
+encoder would learn. ``--untrained`` takes the states from the run's BASE encoder instead (no ABSA training;
+fresh span head at ``FRESH_LR``), where the training sentences are not yet fitted: there the two top-layer
+variants compare conditioning on the aspect against the same capacity without it.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ log = logging.getLogger("training.onepass.probe")
 DEV_SETS = ("semeval14-restaurants-devcut", "semeval14-laptops-devcut", "mams-atsa-val")
 DISTANCE_BUCKETS = (1, 2, 3, 4, 6, 8, 11, 15, 20, 28)  # thresholds: bucket k holds distances in [t_k, t_k+1)
 LAST = 4
-VARIANTS = ("served", "distance", "conditioned-layer", "top-layer")
+VARIANTS = ("served", "distance", "conditioned-layer", "top-layer", "top-layer-unmarked")
 FRESH_LR, TOP_LAYER_LR, HEAD_LR, MARKER_LR = 1e-3, 5e-5, 2e-4, 1e-3
 
 
@@ -87,23 +92,30 @@ def token_states(model: OnePassModel, tokenizer: Tokenizer, rows: list[Row], bat
     return items
 
 
-def load_run(run: Path) -> OnePassModel:
+def load_run(run: Path, untrained: bool = False) -> OnePassModel:
+    """The run's model from ``best.pt``, or with ``untrained`` its base encoder and fresh heads (seed 0)."""
     from training.onepass.package import load_trained
+    from training.onepass.train import load_encoder
 
     options = OnePassOptions.recorded(run)
+    if untrained:
+        torch.manual_seed(0)
+        return OnePassModel(load_encoder(base_path(options)), span_heads=options.span_heads).eval()
     return load_trained(run, base_path(options), options.span_heads)
 
 
-def load_states(run: Path) -> dict[str, list[Item]]:
-    """``train`` and the ``DEV_SETS``, from the cache when it was built from the same ``best.pt``."""
-    digest = hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()
-    cache = run / "probe-states.pt"
+def load_states(run: Path, untrained: bool = False) -> dict[str, list[Item]]:
+    """``train`` and the ``DEV_SETS``, from the cache when it was built from the same weights (the sha256 of
+    ``best.pt``, or the base encoder's path with ``untrained``)."""
+    options = OnePassOptions.recorded(run)
+    digest = ("untrained:" + base_path(options) if untrained
+              else hashlib.sha256((run / "best.pt").read_bytes()).hexdigest())
+    cache = run / ("probe-states-untrained.pt" if untrained else "probe-states.pt")
     if cache.exists():
         saved = torch.load(cache, weights_only=False)
         if saved["best_sha256"] == digest:
             return saved["sets"]
-    options = OnePassOptions.recorded(run)
-    model, tokenizer = load_run(run), tokenizer_for(base_path(options), options.max_length)
+    model, tokenizer = load_run(run, untrained), tokenizer_for(base_path(options), options.max_length)
     train, dev = absa_splits(Counter())
     sets = {"train": token_states(model, tokenizer, train), **{k: token_states(model, tokenizer, dev[k])
                                                               for k in DEV_SETS}}
@@ -181,14 +193,16 @@ class TopLayerRerun(nn.Module):
 
     reads = "below"
 
-    def __init__(self, layer: nn.Module, heads: AspectHeads) -> None:
+    def __init__(self, layer: nn.Module, heads: AspectHeads, marked: bool = True, head_lr: float = HEAD_LR) -> None:
         super().__init__()
-        self.layer, self.heads = copy.deepcopy(layer), copy.deepcopy(heads)
-        self.marker = nn.Parameter(torch.zeros(heads.key.in_features))
+        self.layer, self.heads, self.head_lr = copy.deepcopy(layer), copy.deepcopy(heads), head_lr
+        # Unmarked (the control), the marker stays zero: same layer, same head, no word of which aspect.
+        self.marker = nn.Parameter(torch.zeros(heads.key.in_features), requires_grad=marked)
 
     def param_groups(self) -> list[dict]:
-        return [{"params": self.layer.parameters(), "lr": TOP_LAYER_LR},
-                {"params": self.heads.parameters(), "lr": HEAD_LR}, {"params": [self.marker], "lr": MARKER_LR}]
+        groups = [{"params": self.layer.parameters(), "lr": TOP_LAYER_LR},
+                  {"params": self.heads.parameters(), "lr": self.head_lr}]
+        return groups + ([{"params": [self.marker], "lr": MARKER_LR}] if self.marker.requires_grad else [])
 
     def forward(self, below: torch.Tensor, mask: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
         rows, spans = span_mask.sum(-1).nonzero(as_tuple=True)  # the real (text, span) pairs
@@ -209,11 +223,13 @@ def span_logits(head: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, span_
     return head(hidden, mask, span_mask)
 
 
-def make_head(variant: str, hidden: int, span_heads: int, trained: OnePassModel | None = None) -> nn.Module:
-    if variant == "top-layer":
+def make_head(variant: str, hidden: int, span_heads: int, trained: OnePassModel | None = None,
+              head_lr: float = HEAD_LR) -> nn.Module:
+    if variant.startswith("top-layer"):
         if trained is None:
-            raise ValueError("the top-layer variant re-runs a trained model's last layer: pass the run's model")
-        return TopLayerRerun(trained.text.encoder.encoder.layer[-1], trained.aspects)
+            raise ValueError("the top-layer variants re-run a model's last layer: pass the run's model")
+        return TopLayerRerun(trained.text.encoder.encoder.layer[-1], trained.aspects,
+                             marked=variant == "top-layer", head_lr=head_lr)
     if variant == "served":
         return AspectHeads(hidden, span_heads=span_heads)
     if variant == "distance":
@@ -236,12 +252,12 @@ def accuracy(head: nn.Module, items: list[Item], batch: int = 128) -> float:
 
 
 def fit(variant: str, sets: dict[str, list[Item]], epochs: int, seed: int, span_heads: int,
-        trained: OnePassModel | None = None) -> list[dict[str, float]]:
-    """Dev span accuracy (%) per epoch of one head trained on the frozen training states (fresh, or for
-    ``top-layer`` a copy of ``trained``'s last layer and span head)."""
+        trained: OnePassModel | None = None, head_lr: float = HEAD_LR) -> list[dict[str, float]]:
+    """Dev span accuracy (%) per epoch of one head trained on the frozen training states (fresh, or for the
+    top-layer variants a copy of ``trained``'s last layer and span head, the head at ``head_lr``)."""
     torch.manual_seed(seed)
     train = sets["train"]
-    head = make_head(variant, train[0].hidden.shape[1], span_heads, trained)
+    head = make_head(variant, train[0].hidden.shape[1], span_heads, trained, head_lr)
     groups = head.param_groups() if isinstance(head, TopLayerRerun) else [{"params": head.parameters(), "lr": FRESH_LR}]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     reads = getattr(head, "reads", "hidden")
@@ -277,23 +293,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--heads", type=int, default=6,
                         help="attention heads of the fresh variants' context (top-layer keeps the run's)")
+    parser.add_argument("--untrained", action="store_true",
+                        help="states from the run's base encoder, not its best.pt (heads fresh)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    sets = load_states(args.run)
+    sets = load_states(args.run, args.untrained)
     log.info("sentences with polar terms: %s", {k: len(v) for k, v in sets.items()})
     variants = args.variant or VARIANTS
-    trained = load_run(args.run) if "top-layer" in variants else None
+    trained = load_run(args.run, args.untrained) if any(v.startswith("top-layer") for v in variants) else None
+    head_lr = FRESH_LR if args.untrained else HEAD_LR
     results = {}
     for variant in variants:
         started = time.perf_counter()
-        histories = [fit(variant, sets, args.epochs, seed, args.heads, trained) for seed in args.seeds]
+        histories = [fit(variant, sets, args.epochs, seed, args.heads, trained, head_lr) for seed in args.seeds]
         results[variant] = {"summary": summary(histories), "per_seed": histories,
                             "seconds": round(time.perf_counter() - started, 1)}
         log.info("%s: %s (%.0f s)", variant, json.dumps(results[variant]["summary"]), results[variant]["seconds"])
-    print(json.dumps({"run": str(args.run), "seeds": args.seeds, "epochs": args.epochs,
-                      "summary": {v: r["summary"] for v, r in results.items()}}, indent=1))
+    print(json.dumps({"run": str(args.run), "untrained": args.untrained, "seeds": args.seeds, "epochs": args.epochs,
+                      "summary": {v: r["summary"] for v, r in results.items()},
+                      "per_seed": {v: r["per_seed"] for v, r in results.items()}}))
 
 
 if __name__ == "__main__":
