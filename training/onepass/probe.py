@@ -8,9 +8,11 @@ instead of a training run.
 Steps:
   1. The token states of a run's encoder (``best.pt``) for every ABSA training sentence with polar terms
      (SemEval-2014 Restaurants and Laptops outside their dev cuts, MAMS ATSA train) and for the three dev sets, as
-     fp16 in ``<run>/probe-states.pt`` (reused while ``best.pt`` is unchanged: its sha256 is stored with them).
-  2. Per variant and seed: a fresh head, AdamW (lr 1e-3) on the gold terms' polarity, batches of 32 sentences,
-     ``epochs`` passes; span accuracy on each dev set after every epoch.
+     fp16 in ``<run>/probe-states.pt``, with the states that entered its last layer (reused while ``best.pt`` is
+     unchanged: its sha256 is stored with them).
+  2. Per variant and seed: a head (fresh at ``FRESH_LR``; the top-layer variants copy the run's layer and head),
+     AdamW on the gold terms' polarity, batches of 32 sentences, ``epochs`` passes; span accuracy on each dev set
+     before training (logged) and after every epoch.
   3. The summary per variant: the mean over seeds of the mean over the last ``LAST`` epochs (single epochs move a
      point either way on the small dev cuts).
 Variants:
@@ -113,13 +115,13 @@ def load_states(run: Path, untrained: bool = False) -> dict[str, list[Item]]:
     cache = run / ("probe-states-untrained.pt" if untrained else "probe-states.pt")
     if cache.exists():
         saved = torch.load(cache, weights_only=False)
-        if saved["best_sha256"] == digest:
+        if saved.get("weights_key") == digest:  # another key (or an older cache's layout): rebuild
             return saved["sets"]
     model, tokenizer = load_run(run, untrained), tokenizer_for(base_path(options), options.max_length)
     train, dev = absa_splits(Counter())
     sets = {"train": token_states(model, tokenizer, train), **{k: token_states(model, tokenizer, dev[k])
                                                               for k in DEV_SETS}}
-    torch.save({"best_sha256": digest, "sets": sets}, cache)
+    torch.save({"weights_key": digest, "sets": sets}, cache)
     return sets
 
 
